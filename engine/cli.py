@@ -1,0 +1,363 @@
+"""The `looptree` command (see CONTRACT.md "Command line").
+
+Why argparse: no extra dependency, `--help` stays in step with the contract, and every user
+error is caught here and printed as one line (`looptree: error: …`, exit 2); only genuine
+internal failures show a traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.errors import LooptreeError
+
+EPILOG = """\
+KEY=VALUE overrides any config key by its dotted path, e.g. search.num_samples=10
+agent.model=gpt-4.1 budget.max_tokens=2e6. Runs live in <project>/.looptree/runs/<N>/;
+every evaluated node is a commit on branch looptree/<ID> of the project's repository.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="looptree", description="LLM agents optimize real code against real benchmarks.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="looptree 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a commented looptree.toml into DIR (default .)")
+    p.add_argument("dir", nargs="?", default=".")
+
+    p = sub.add_parser("run", help="start run N+1 on the project in DIR (default .)")
+    p.add_argument("dir", nargs="?", default=".")
+    p.add_argument("--config", metavar="F", help="config file (default DIR/looptree.toml)")
+    p.add_argument("--no-tui", action="store_true", help="no dashboard: one line per event on stderr")
+    p.add_argument("--json", action="store_true", help="one JSON object per event on stdout (implies --no-tui)")
+    p.add_argument("--color", default=None, help="dashboard colours: auto, truecolor, 256, 16, none")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("resume", help="continue a run that stopped or crashed")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--no-tui", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--color", default=None)
+
+    p = sub.add_parser("attach", help="dashboard on a run that another process drives")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--color", default=None)
+
+    p = sub.add_parser("replay", help="play a saved run back from its event log")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--speed", type=float, default=1.0, metavar="X")
+    p.add_argument("--no-tui", action="store_true")
+    p.add_argument("--color", default=None)
+
+    p = sub.add_parser("ctl", help="pause | resume | stop | prune ID | pin ID | unpin ID | fork ID [--hint TEXT] | budget [+|-]TOKENS")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("cmd", metavar="COMMAND")
+    p.add_argument("arg", nargs="?", metavar="ID|TOKENS")
+    p.add_argument("--hint", default="")
+
+    p = sub.add_parser("tree", help="print the tree with each node's metrics")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("show", help="one node: description, diff, metrics, analysis, logs")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("node_id", metavar="ID")
+
+    p = sub.add_parser("eval", help="eval-only: benchmark git refs or node IDs, no agent")
+    p.add_argument("dir", nargs="?", default=".")
+    p.add_argument("refs", nargs="*", metavar="REF")
+    p.add_argument("--repeats", type=int, default=None, metavar="N")
+    p.add_argument("--config", metavar="F")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("kernelbench", help="optimize KernelBench-format problems, one run each")
+    p.add_argument("--dataset", required=True, metavar="DIR")
+    p.add_argument("--level", required=True, metavar="L")
+    p.add_argument("--tasks", required=True, metavar="A-B")
+    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--out", default=None, metavar="DIR", help="where the per-task projects go")
+    p.add_argument("--no-tui", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    sub.add_parser("gpus", help="what NVML sees (prints a clear line when no GPU)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = globals()[f"cmd_{args.command}"]
+    try:
+        return int(handler(args) or 0)
+    except LooptreeError as exc:
+        print(f"looptree: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("looptree: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+# -- init ------------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    from engine.init import write_config
+
+    from engine import gitops
+
+    path = write_config(Path(args.dir))
+    asyncio.run(gitops.open_repo(path.parent))  # the tree's commits need a repository (contract)
+    print(f"wrote {path}; edit goal, writable and bench.command, then `looptree run {args.dir}`")
+    return 0
+
+
+# -- run / resume ------------------------------------------------------------------------------
+def _wants_tui(args: argparse.Namespace) -> bool:
+    return not (getattr(args, "no_tui", False) or getattr(args, "json", False)) and sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+
+    project = Path(args.dir).resolve()
+    if not project.is_dir():
+        raise LooptreeError(f"{args.dir} is not a directory")
+    config = load_config(project, Path(args.config).resolve() if args.config else None, args.overrides)
+    if _wants_tui(args):
+        return _run_with_dashboard(args, project, config)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    return asyncio.run(_drive(lambda: _create(project, config, run_dir), json_mode=args.json))
+
+
+async def _create(project: Path, config, run_dir: Path | None):
+    from engine.engine import Engine
+
+    return await Engine.create(project, config, run_dir=run_dir)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from engine.runs import resolve_run_dir
+
+    run_dir = resolve_run_dir(args.run_dir)
+    if _wants_tui(args):
+        return _spawn_and_attach(["resume", str(run_dir), "--no-tui"], run_dir, args.color)
+    from engine.engine import Engine
+
+    return asyncio.run(_drive(lambda: Engine.reopen(run_dir), json_mode=args.json))
+
+
+async def _drive(make_engine, *, json_mode: bool) -> int:
+    """Run an engine headless; SIGINT/SIGTERM ask for a clean stop, a second one forces it."""
+    from engine.printer import Printer
+
+    engine = await make_engine()
+    printer = Printer(engine.state, json_mode=json_mode)
+    for event in _replay_existing(engine):
+        printer(event)
+    engine.listeners.append(printer)
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            engine.handle_command({"cmd": "stop"})
+        else:
+            os._exit(130)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    reason = await engine.run()
+    print(f"looptree: run {engine.state.run} finished: {reason}; see `looptree tree {engine.run_dir}`", file=sys.stderr)
+    if reason.startswith("error:"):
+        return 1
+    return 0
+
+
+def _replay_existing(engine) -> list[dict]:
+    """The events written before the printer was attached (run_started, engine_attached)."""
+    from engine.events import read_events
+
+    events = read_events(engine.run_dir / "events.jsonl")
+    return events[-1:] if events else []
+
+
+def _run_with_dashboard(args: argparse.Namespace, project: Path, config) -> int:
+    """Start the engine as its own process (it outlives the dashboard and the SSH session), then attach."""
+    from engine.engine import allocate_run_dir
+
+    run_dir = allocate_run_dir(project)
+    argv = ["run", str(project), "--no-tui", "--run-dir", str(run_dir), *args.overrides]
+    if args.config:
+        argv += ["--config", str(Path(args.config).resolve())]
+    return _spawn_and_attach(argv, run_dir, args.color)
+
+
+def _spawn_and_attach(argv: list[str], run_dir: Path, color: str | None) -> int:
+    log_path = run_dir / "engine.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *argv], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True, cwd=os.getcwd())
+    deadline = time.monotonic() + 60
+    events = run_dir / "events.jsonl"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and proc.returncode != 0:
+            tail = log_path.read_text(errors="replace").strip().splitlines()
+            raise LooptreeError(tail[-1].removeprefix("looptree: error: ") if tail else f"engine exited with {proc.returncode}")
+        if events.exists() and events.stat().st_size > 0:
+            break
+        time.sleep(0.05)
+    from app.main import run_dashboard
+
+    return run_dashboard(run_dir, mode="live", color=color)
+
+
+# -- viewers -----------------------------------------------------------------------------------
+def cmd_attach(args: argparse.Namespace) -> int:
+    from engine.runs import resolve_run_dir
+
+    run_dir = resolve_run_dir(args.run_dir)
+    from app.main import run_dashboard
+
+    return run_dashboard(run_dir, mode="live", color=args.color)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from engine.runs import resolve_run_dir
+
+    run_dir = resolve_run_dir(args.run_dir)
+    if args.speed <= 0:
+        raise LooptreeError("--speed must be greater than 0")
+    if args.no_tui or not sys.stdout.isatty():
+        return _replay_headless(run_dir, args.speed)
+    from app.main import run_dashboard
+
+    return run_dashboard(run_dir, mode="replay", speed=args.speed, color=args.color)
+
+
+def _replay_headless(run_dir: Path, speed: float) -> int:
+    from engine.events import read_events
+    from engine.printer import Printer
+    from engine.state import RunState
+
+    state = RunState()
+    printer = Printer(state)
+    previous = None
+    for event in read_events(run_dir / "events.jsonl"):
+        if previous is not None:
+            time.sleep(min(2.0, max(0.0, event.get("ts", 0) - previous)) / speed)
+        previous = event.get("ts", previous)
+        state.apply(event)
+        printer(event)
+    return 0
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from engine.control import NEEDS_ID, append_control, make_command
+    from engine.events import RunLock
+    from engine.runs import resolve_run_dir
+
+    run_dir = resolve_run_dir(args.run_dir)
+    record = make_command(args.cmd, args.arg if args.cmd in NEEDS_ID else None, hint=args.hint,
+                          tokens=args.arg if args.cmd == "budget" else None)
+    if args.cmd in NEEDS_ID:
+        from engine.events import read_events
+        from engine.state import RunState
+
+        state = RunState.from_events(read_events(run_dir / "events.jsonl"))
+        if args.arg not in state.nodes:
+            raise LooptreeError(f"no node {args.arg} in run {state.run} (see `looptree tree {run_dir}`)")
+    append_control(run_dir, record)
+    live = RunLock.is_held(run_dir)
+    print(f"sent {args.cmd}{' ' + args.arg if args.arg else ''} to run {run_dir.name}"
+          + ("" if live else " (no engine is running it now; it takes effect on `looptree resume`)"))
+    return 0
+
+
+def cmd_tree(args: argparse.Namespace) -> int:
+    from engine.events import read_events
+    from engine.report import render_tree, tree_json
+    from engine.runs import resolve_run_dir
+    from engine.state import RunState
+
+    run_dir = resolve_run_dir(args.run_dir)
+    state = RunState.from_events(read_events(run_dir / "events.jsonl"))
+    if args.json:
+        print(json.dumps(tree_json(state), indent=2))
+    else:
+        print(render_tree(state))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from engine import gitops
+    from engine.events import read_events
+    from engine.report import render_show
+    from engine.runs import resolve_run_dir
+    from engine.state import RunState
+
+    run_dir = resolve_run_dir(args.run_dir)
+    state = RunState.from_events(read_events(run_dir / "events.jsonl"))
+    node = state.nodes.get(args.node_id)
+    diff_text = ""
+    if node is not None and node.commit:
+        parent = state.nodes.get(node.parent or "")
+        old = parent.commit if parent and parent.commit else None
+        if old is None and node.kind == "fix" and parent is not None:
+            grand = state.nodes.get(parent.parent or "")
+            old = grand.commit if grand else None
+        if old:
+            async def get_diff() -> str:
+                repo = await gitops.open_repo(Path(state.project or "."), create=False)
+                return await gitops.diff(repo, old, node.commit or "")
+            try:
+                diff_text = asyncio.run(get_diff())
+            except LooptreeError as exc:
+                diff_text = f"(diff unavailable: {exc})"
+    sys.stdout.write(render_show(state, run_dir, args.node_id, diff_text))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from engine.evalonly import eval_refs
+
+    return asyncio.run(eval_refs(Path(args.dir).resolve(), args.refs, repeats=args.repeats,
+                                 config_file=Path(args.config).resolve() if args.config else None, json_mode=args.json))
+
+
+def cmd_kernelbench(args: argparse.Namespace) -> int:
+    try:
+        from engine.kernelbench_cli import run_kernelbench
+    except ImportError:
+        raise LooptreeError("kernelbench support is not installed in this build") from None
+    return run_kernelbench(args)
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    from gpu.telemetry import choose_backend, format_gpus
+
+    backend = choose_backend("auto")
+    try:
+        print(format_gpus(backend))
+    finally:
+        backend.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,668 @@
+"""The run lifecycle: start or resume a run, grow the tree, obey the control channel.
+
+Why this shape: every decision is written to the event log before it is acted on, and every
+step first asks the folded state whether it already happened. So a run that was killed at any
+moment resumes by folding its log and calling `run()` again: finished nodes are skipped,
+replies already paid for are re-applied rather than re-asked, and interrupted evaluations are
+redone from a fresh worktree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from engine import gitops, search
+from engine.access import AccessPolicy
+from engine.agents import AgentCaller, make_backend
+from engine.config import Config, check_patterns, validate_config
+from engine.control import ControlTail, parse_budget
+from engine.edits import apply_edits, parse_change_reply
+from engine.errors import BudgetExhausted, EditError, LooptreeError
+from engine.evaluator import EvalOutcome, Evaluator
+from engine.events import EventLog, RunLock, read_events
+from engine.llm.budget import TokenBudget
+from engine.llm.types import LLMBackend
+from engine.metrics import MetricSpec, parse_header
+from engine.procs import kill_jobs_with_prefix
+from engine.prompts import PromptBuilder, format_results, load_templates, parse_ideas, prompt_hash
+from engine.runs import node_dir, runs_root, worktrees_root
+from engine.state import NodeState, RunState
+
+CONTROL_POLL_S = 0.2
+
+
+class _Stop(Exception):
+    """Raised inside the search when the run must end (budget spent, user stop)."""
+
+
+def job_prefix(run_dir: Path) -> str:
+    """Every process of this run carries LOOPTREE_JOB=<prefix><node>…, so a resume can find orphans."""
+    return "lt-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10] + ":"
+
+
+class Engine:
+    def __init__(self, *, project_dir: Path, run_dir: Path, config: Config, repo: gitops.Repo,
+                 log: EventLog, state: RunState, lock: RunLock, backend: LLMBackend | None = None) -> None:
+        self.project_dir = project_dir
+        self.run_dir = run_dir
+        self.config = config
+        self.repo = repo
+        self.log = log
+        self.state = state
+        self.lock = lock
+        self.policy = AccessPolicy(config.project.writable, config.project.readonly, config.project.hidden)
+        self.prompts = PromptBuilder(load_templates(config.prompts.model_dump(), project_dir), config.project.goal, self.policy,
+                                     config.project.writable, config.project.readonly)
+        self.backend = backend or make_backend(config, project_dir, run_dir)
+        cap = state.max_tokens if state.max_tokens is not None else config.budget.max_tokens
+        self.budget = TokenBudget(cap, config.budget.max_cost_usd)
+        if state.tokens_spent or state.cost_usd:
+            self.budget.restore(state.tokens_spent, state.cost_usd)
+        self.caller = AgentCaller(self.backend, self.budget, config, self.emit)
+        self.evaluator = Evaluator(config)
+        self.workers = asyncio.Semaphore(config.search.num_workers)
+        self.bench_slots = asyncio.Semaphore(config.bench.concurrency)
+        self.unpaused = asyncio.Event()
+        self.unpaused.set()
+        self.stop_reason: str | None = None
+        self.node_tasks: dict[str, asyncio.Task[Any]] = {}
+        self.killed: set[str] = set()
+        self.fork_tasks: set[asyncio.Task[Any]] = set()
+        self.control = ControlTail(run_dir / "control.jsonl")
+        self.job_prefix = job_prefix(run_dir)
+        self._main_task: asyncio.Task[Any] | None = None
+        self._git_lock = asyncio.Lock()
+        self.listeners: list[Any] = []
+
+    # -- events ----------------------------------------------------------------------------
+    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
+        event = self.log.append(type_, **fields)
+        self.state.apply(event)
+        for listener in self.listeners:
+            listener(event)
+        return event
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    async def create(cls, project_dir: Path, config: Config, *, run_dir: Path | None = None,
+                     backend: LLMBackend | None = None) -> "Engine":
+        """Start run N+1: numbered run dir, lock, baseline snapshot, `run_started`."""
+        project_dir = project_dir.resolve()
+        check_patterns(config, project_dir)
+        if backend is None and config.agent.provider != "replay":
+            from engine.llm.providers import resolve_endpoint
+
+            resolve_endpoint(config.agent.provider, config.agent.base_url, config.agent.api_key_env)
+        repo = await gitops.open_repo(project_dir)
+        run_dir = run_dir or allocate_run_dir(project_dir)
+        lock = RunLock(run_dir)
+        lock.acquire()
+        try:
+            (run_dir / "config.toml").write_text(tomli_w.dumps(_toml_safe(config.to_dict())))
+            base = await gitops.snapshot_working_tree(repo, "looptree: baseline snapshot of the working tree")
+            log = EventLog(run_dir)
+            state = RunState()
+            engine = cls(project_dir=project_dir, run_dir=run_dir, config=config, repo=repo, log=log,
+                         state=state, lock=lock, backend=backend)
+            engine.emit("run_started", run=int(run_dir.name), project=str(project_dir), config=config.to_dict(),
+                        base_commit=base, pid=os.getpid(), host=socket.gethostname())
+            return engine
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    async def reopen(cls, run_dir: Path, *, backend: LLMBackend | None = None) -> "Engine":
+        """Resume: take the lock, fold the log, clear what the dead engine left (processes, worktrees)."""
+        run_dir = run_dir.resolve()
+        if not (run_dir / "events.jsonl").exists():
+            raise LooptreeError(f"{run_dir} is not a looptree run directory (no events.jsonl)")
+        lock = RunLock(run_dir)
+        lock.acquire()
+        try:
+            state = RunState.from_events(read_events(run_dir / "events.jsonl"))
+            if state.run is None:
+                raise LooptreeError(f"{run_dir}/events.jsonl has no run_started event")
+            config = validate_config(state.config, source=f"{run_dir}/config.toml")
+            project_dir = Path(state.project or run_dir.parents[2])
+            repo = await gitops.open_repo(project_dir, create=False)
+            killed = await asyncio.to_thread(kill_jobs_with_prefix, job_prefix(run_dir))
+            removed = await gitops.prune_worktrees(repo, worktrees_root(run_dir))
+            log = EventLog(run_dir)
+            engine = cls(project_dir=project_dir, run_dir=run_dir, config=config, repo=repo, log=log,
+                         state=state, lock=lock, backend=backend)
+            engine.control.offset = _last_control_offset(state, run_dir)
+            engine.emit("engine_attached", pid=os.getpid(), orphans_killed=killed, worktrees_removed=removed)
+            engine.rewrite_metrics_csv()
+            return engine
+        except BaseException:
+            lock.release()
+            raise
+
+    # -- the run ---------------------------------------------------------------------------
+    async def run(self) -> str:
+        """Drive the run to its end; return the finish reason (also written as `run_finished`)."""
+        control = asyncio.create_task(self._control_loop(), name="control")
+        self._main_task = asyncio.create_task(self._search(), name="search")
+        reason: str
+        try:
+            reason = await self._main_task
+        except asyncio.CancelledError:
+            reason = self.stop_reason or "stopped by user"
+            if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                self._finish(reason)
+                raise
+        except LooptreeError as exc:
+            reason = f"error: {exc}"
+        except Exception as exc:
+            self._finish(f"error: internal: {exc!r}")
+            raise
+        finally:
+            control.cancel()
+            for task in list(self.fork_tasks):
+                task.cancel()
+            await asyncio.gather(control, *self.fork_tasks, return_exceptions=True)
+        self._finish(reason)
+        return reason
+
+    def _finish(self, reason: str) -> None:
+        if self.log._fd < 0:
+            return
+        if self.state.finished is None:
+            self.emit("run_finished", reason=reason, tokens=self.budget.spent, evaluated=self.state.evaluated,
+                      best=(self.state.best().id if self.state.best() else None))
+        self.log.close()
+        self.lock.release()
+
+    async def _search(self) -> str:
+        cfg = self.config.search
+        try:
+            base = await self._ensure_baseline()
+            if not base.ok:
+                raise LooptreeError(f"the baseline failed at {base.failure_stage}: {base.failure_reason}")
+            ideas = self.state.ideas
+            if ideas is None:
+                ideas = await self._brainstorm()
+            best_before = search.best_key(self.state)
+            for phase in range(cfg.num_phases):
+                if phase in self.state.phases_finished:
+                    best_before = search.best_key(self.state)
+                    continue
+                await self._run_phase(phase, ideas)
+                best_now = search.best_key(self.state)
+                improved = best_now is not None and (best_before is None or best_now > best_before)
+                best = self.state.best()
+                self.emit("phase_finished", phase=phase, best=best.id if best else None, improved=improved)
+                best_before = best_now
+                patience = cfg.early_stop_patience
+                if patience and search.phases_without_improvement(self.state) >= patience and phase + 1 < cfg.num_phases:
+                    await self._drain_forks()
+                    return "early stop"
+            await self._drain_forks()
+            return "phases done"
+        except _Stop:
+            return self.stop_reason or "stopped by user"
+        except BudgetExhausted:
+            self.stop_reason = "budget spent"
+            await self._drain_forks(cancel=True)
+            return "budget spent"
+
+    async def _drain_forks(self, cancel: bool = False) -> None:
+        while self.fork_tasks:
+            tasks = list(self.fork_tasks)
+            if cancel:
+                for task in tasks:
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.fork_tasks.difference_update(tasks)
+
+    async def _ensure_baseline(self) -> NodeState:
+        base_id = str(self.state.run)
+        if base_id not in self.state.nodes:
+            self.emit("node_created", id=base_id, parent=None, phase=-1, kind="baseline")
+        node = self.state.nodes[base_id]
+        if node.commit is None:
+            branch = await gitops.set_branch(self.repo, base_id, self.state.base_commit or "")
+            self.emit("edits_applied", id=base_id, files=[], commit=self.state.base_commit, branch=branch)
+        if not node.terminal:
+            await self._run_node(base_id)
+        return self.state.nodes[base_id]
+
+    async def _brainstorm(self) -> list[str]:
+        """One ideas call on the baseline; a malformed reply still lets the run go on without seeds."""
+        cfg = self.config.search
+        wt = worktrees_root(self.run_dir) / "ideas"
+        base = self.state.baseline
+        assert base is not None
+        await self._add_worktree(wt, base.commit or "")
+        try:
+            user = self.prompts.ideas(self.repo.project_in(wt), cfg.num_samples, self._metric_names(),
+                                      format_results(base.metrics, self.state.specs))
+        finally:
+            await self._remove_worktree(wt)
+        messages = self.prompts.messages(user)
+        await self._gate()
+        async with self.workers:
+            self.emit("agent_started", id=None, role="ideas")
+            try:
+                response = await self.caller.call("ideas", None, messages, prompt_hash(messages))
+            except BudgetExhausted:
+                raise
+            except LooptreeError as exc:
+                self.emit("agent_failed", id=None, role="ideas", reason=str(exc))
+                self.emit("ideas_generated", ideas=[], reason=str(exc))
+                return []
+        ideas = parse_ideas(response.text, cfg.num_samples)
+        (self.run_dir / "ideas.md").write_text(response.text)
+        self.emit("ideas_generated", ideas=ideas, usage={"prompt_tokens": response.prompt_tokens,
+                                                          "completion_tokens": response.completion_tokens})
+        return ideas
+
+    async def _run_phase(self, phase: int, ideas: list[str]) -> None:
+        cfg = self.config.search
+        if phase not in self.state.phases_started:
+            if phase == 0:
+                parents = [str(self.state.run)] * cfg.num_samples
+            else:
+                parents = search.choose_parents(self.state, cfg.num_samples, cfg.expand_top)
+            self.emit("phase_started", phase=phase, parents=parents)
+        parents = self.state.phases_started[phase]
+        existing = search.phase_nodes(self.state, phase)
+        for index in range(len(existing), len(parents)):
+            parent = parents[index]
+            node_id = self.state.next_child_id(parent)
+            if phase == 0:
+                idea = ideas[index] if index < len(ideas) else None
+                self.emit("node_created", id=node_id, parent=parent, phase=0, kind="idea", idea=idea)
+            else:
+                self.emit("node_created", id=node_id, parent=parent, phase=phase, kind="improve")
+        nodes = [n.id for n in search.phase_nodes(self.state, phase)]
+        results = await asyncio.gather(*(self._run_chain(n) for n in nodes), return_exceptions=True)
+        for result in results:
+            if isinstance(result, (BudgetExhausted, _Stop)):
+                raise result
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
+        if self.stop_reason:
+            raise _Stop()
+
+    async def _run_chain(self, node_id: str) -> None:
+        """A node, then its fix attempts while it fails and attempts remain."""
+        current: str | None = node_id
+        while current is not None:
+            await self._run_node(current)
+            node = self.state.nodes[current]
+            if self.stop_reason or current in self.killed:
+                return
+            if node.status == "failed":
+                if search.may_fix(self.state, node, self.config.search.max_fix_attempts):
+                    fix_id = self.state.next_child_id(current)
+                    self.emit("node_created", id=fix_id, parent=current, phase=node.phase, kind="fix", fix_of=current)
+                    current = fix_id
+                    continue
+                # After a resume, a fix created before the crash may still be waiting.
+                current = next((c for c in node.children if self.state.nodes[c].kind == "fix"), None)
+                continue
+            current = None
+
+    async def _run_node(self, node_id: str) -> None:
+        """One node as a cancellable task, so `kill ID` stops just it."""
+        node = self.state.nodes[node_id]
+        if node.terminal:
+            return
+        task = asyncio.create_task(self._process_node(node_id), name=f"node {node_id}")
+        self.node_tasks[node_id] = task
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done() and node_id in self.killed and not self.stop_reason:
+                if not self.state.nodes[node_id].terminal:
+                    self.emit("node_failed", id=node_id, stage=self.state.nodes[node_id].stage or "agent",
+                              reason="killed by user")
+                return
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        finally:
+            self.node_tasks.pop(node_id, None)
+
+    async def _process_node(self, node_id: str) -> None:
+        node = self.state.nodes[node_id]
+        wt = worktrees_root(self.run_dir) / node_id
+        ndir = node_dir(self.run_dir, node_id)
+        ndir.mkdir(parents=True, exist_ok=True)
+        try:
+            if node.commit is None:
+                base_commit = self._base_commit_for(node)
+                await self._add_worktree(wt, base_commit)
+                project = self.repo.project_in(wt)
+                if node.reply_text is None:
+                    await self._ask_agent(node, project, ndir)
+                    if node.status == "failed":
+                        return
+                if not await self._apply_reply(node, wt, project, ndir):
+                    return
+            else:
+                await self._add_worktree(wt, node.commit)
+            await self._evaluate(node, wt, ndir)
+        finally:
+            await self._remove_worktree(wt)
+
+    def _base_commit_for(self, node: NodeState) -> str:
+        parent = self.state.nodes.get(node.parent or "")
+        if parent is None:
+            return self.state.base_commit or ""
+        if parent.commit:
+            return parent.commit
+        # A fix of a node whose edits never applied starts from that node's own parent.
+        return self._base_commit_for(parent)
+
+    async def _ask_agent(self, node: NodeState, project: Path, ndir: Path) -> None:
+        role = "fix" if node.kind == "fix" else "optimize"
+        user = self._user_prompt(node, project)
+        messages = self.prompts.messages(user)
+        digest = prompt_hash(messages)
+        (ndir / "prompt.md").write_text(f"## system\n\n{messages[0]['content']}\n\n## user\n\n{user}\n")
+        await self._gate()
+        async with self.workers:
+            await self._gate()
+            self.emit("agent_started", id=node.id, role=role)
+            started = time.monotonic()
+            try:
+                response = await self.caller.call(role, node.id, messages, digest)
+            except BudgetExhausted:
+                raise
+            except LooptreeError as exc:
+                self.emit("agent_failed", id=node.id, role=role, reason=str(exc))
+                self.emit("node_failed", id=node.id, stage="agent", reason=str(exc))
+                return
+        try:
+            description = parse_change_reply(response.text).description
+        except EditError:
+            description = response.text.strip().split("\n\n", 1)[0][:300]
+        (ndir / "response.md").write_text(response.text)
+        self.emit("agent_finished", id=node.id, role=role, text=response.text, description=description,
+                  usage={"prompt_tokens": response.prompt_tokens, "completion_tokens": response.completion_tokens,
+                         "total_tokens": response.prompt_tokens + response.completion_tokens},
+                  model=response.model, prompt_hash=digest, finish_reason=response.finish_reason,
+                  duration_s=round(time.monotonic() - started, 3), cost_usd=response.cost_usd)
+
+    def _user_prompt(self, node: NodeState, project: Path) -> str:
+        parent = self.state.nodes.get(node.parent or "")
+        names = self._metric_names()
+        if node.kind == "fix" and parent is not None:
+            log_tail = _read_tail(node_dir(self.run_dir, parent.id), parent.failure_stage)
+            return self.prompts.fix(project, parent.failure_stage or "unknown", parent.failure_reason or "",
+                                    log_tail, parent.reply_text or "")
+        results = format_results(parent.metrics if parent else None, self.state.specs)
+        if node.kind == "idea" and node.idea:
+            return self.prompts.optimize(project, node.idea, parent.id if parent else "?", names, results)
+        history = self._history(parent.id) if parent else ""
+        others = self._others() if self.config.context.scope == "all" else ""
+        return self.prompts.improve(project, parent.id if parent else "?", names, results, history, others,
+                                    hint=node.hint)
+
+    def _history(self, node_id: str) -> str:
+        lines = []
+        for step in self.state.path(node_id):
+            what = step.description or step.kind
+            lines.append(f"- {step.id}: {what} → {format_results(step.metrics, self.state.specs)}")
+        return "\n".join(lines)
+
+    def _others(self) -> str:
+        lines = []
+        for node_id in self.state.order[-40:]:
+            n = self.state.nodes[node_id]
+            if n.terminal and n.kind != "baseline":
+                result = format_results(n.metrics, self.state.specs) if n.ok else f"failed at {n.failure_stage}"
+                lines.append(f"- {n.id}: {(n.description or n.kind)[:120]} → {result}")
+        return "\n".join(lines)
+
+    async def _apply_reply(self, node: NodeState, wt: Path, project: Path, ndir: Path) -> bool:
+        try:
+            parsed = parse_change_reply(node.reply_text or "")
+            result = await asyncio.to_thread(apply_edits, project, parsed.edits, self.policy)
+        except EditError as exc:
+            self.emit("edits_rejected", id=node.id, reason=str(exc))
+            self.emit("node_failed", id=node.id, stage="edit", reason=str(exc))
+            return False
+        files = sorted(set(result.changed_files) | set(result.created_files))
+        message = f"looptree {node.id}: {(node.description or node.kind)[:72]}\n\nnode: {node.id}\nparent: {node.parent}\nkind: {node.kind}\n"
+        commit = await gitops.commit_worktree(wt, [self.repo.prefix + f for f in files], message)
+        async with self._git_lock:
+            branch = await gitops.set_branch(self.repo, node.id, commit)
+        try:
+            parent_commit = self._base_commit_for(node)
+            (ndir / "diff.patch").write_text(await gitops.diff(self.repo, parent_commit, commit))
+        except LooptreeError:
+            pass
+        self.emit("edits_applied", id=node.id, files=files, commit=commit, branch=branch)
+        return True
+
+    async def _evaluate(self, node: NodeState, wt: Path, ndir: Path) -> None:
+        await self._gate()
+        async with self.bench_slots:
+            await self._gate()
+            for name in ("build.log", "check.log", "bench.log", "bench_metrics.csv"):
+                (ndir / name).unlink(missing_ok=True)
+            outcome = await self.evaluator.evaluate(
+                node_id=node.id, project_dir=self.repo.project_in(wt), node_dir=ndir, run_dir=self.run_dir,
+                job_tag=f"{self.job_prefix}{node.id}", emit=self.emit)
+        self._record_outcome(node, outcome, ndir)
+
+    def _record_outcome(self, node: NodeState, outcome: EvalOutcome, ndir: Path) -> None:
+        if not outcome.ok or outcome.aggregate is None or outcome.specs is None:
+            (ndir / "failure.txt").write_text(f"{outcome.stage}: {outcome.reason}\n\n{outcome.log_tail}\n")
+            self.emit("node_failed", id=node.id, stage=outcome.stage, reason=outcome.reason)
+            return
+        columns = [s.column for s in outcome.specs]
+        if self.state.specs and [s.column for s in self.state.specs] != columns:
+            reason = f"metric columns {columns} differ from the run's {[s.column for s in self.state.specs]}"
+            self.emit("node_failed", id=node.id, stage="metrics", reason=reason)
+            return
+        iteration = self.state.evaluated + 1
+        self.emit("node_evaluated", id=node.id, iteration=iteration, metrics=outcome.aggregate.values,
+                  spread=outcome.aggregate.spread, columns=columns)
+        self._append_metrics_csv(node.id)
+        (ndir / "analysis.md").write_text(analysis_text(self.state, node.id))
+
+    # -- metrics.csv -----------------------------------------------------------------------
+    def _append_metrics_csv(self, node_id: str) -> None:
+        path = self.run_dir / "metrics.csv"
+        specs = self.state.specs or []
+        node = self.state.nodes[node_id]
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a") as fh:
+            if new:
+                fh.write(_csv_line(["iteration", "node", *[s.column for s in specs]]))
+            fh.write(_csv_line([str(node.iteration), node.id, *[repr(node.metrics.get(s.column, "")) for s in specs]]))
+
+    def rewrite_metrics_csv(self) -> None:
+        """After a crash the CSV may miss its last row: rebuild it from the log, which is the truth."""
+        path = self.run_dir / "metrics.csv"
+        path.unlink(missing_ok=True)
+        for node in sorted((n for n in self.state.nodes.values() if n.ok), key=lambda n: n.iteration or 0):
+            self._append_metrics_csv(node.id)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _metric_names(self) -> str:
+        return ", ".join(s.column for s in self.state.specs) if self.state.specs else "(not measured yet)"
+
+    async def _add_worktree(self, path: Path, commit: str) -> None:
+        async with self._git_lock:
+            await gitops.add_worktree(self.repo, path, commit)
+
+    async def _remove_worktree(self, path: Path) -> None:
+        async with self._git_lock:
+            await asyncio.shield(gitops.remove_worktree(self.repo, path))
+
+    async def _gate(self) -> None:
+        """Wait while paused; raise when the run is stopping."""
+        if self.stop_reason:
+            raise _Stop()
+        if not self.unpaused.is_set():
+            await self.unpaused.wait()
+        if self.stop_reason:
+            raise _Stop()
+
+    # -- control ---------------------------------------------------------------------------
+    async def _control_loop(self) -> None:
+        while True:
+            for command in self.control.poll():
+                try:
+                    self.handle_command(command)
+                except LooptreeError as exc:
+                    self.emit("message", text=f"refused {command.get('cmd')}: {exc}")
+            for fork in list(self.state.pending_forks):
+                self._start_fork(fork)
+            await asyncio.sleep(CONTROL_POLL_S)
+
+    def handle_command(self, command: dict[str, Any]) -> None:
+        cmd, node_id = command.get("cmd"), command.get("id")
+        offset = self.control.offset
+        if node_id is not None and node_id not in self.state.nodes:
+            raise LooptreeError(f"no node {node_id} in run {self.state.run}")
+        if cmd == "pause" and not self.state.paused:
+            self.emit("run_paused", control_offset=offset)
+            self.unpaused.clear()
+        elif cmd == "resume" and self.state.paused:
+            self.emit("run_unpaused", control_offset=offset)
+            self.unpaused.set()
+        elif cmd == "stop":
+            self.stop_reason = "stopped by user"
+            self.emit("stop_requested", reason="stopped by user", control_offset=offset)
+            self.unpaused.set()
+            if self._main_task is not None:
+                self._main_task.cancel()
+        elif cmd == "prune":
+            self.emit("node_pruned", id=node_id, control_offset=offset)
+            for sub in self.state.subtree(node_id):
+                self._kill(sub)
+        elif cmd == "pin":
+            self.emit("node_pinned", id=node_id, control_offset=offset)
+        elif cmd == "unpin":
+            self.emit("node_unpinned", id=node_id, control_offset=offset)
+        elif cmd == "kill":
+            self.emit("message", text=f"kill {node_id}", control_offset=offset)
+            self._kill(node_id)
+        elif cmd == "fork":
+            node = self.state.nodes[node_id]
+            if not node.ok:
+                raise LooptreeError(f"node {node_id} has no successful evaluation to fork from")
+            self.emit("fork_requested", id=node_id, hint=command.get("hint", ""), control_offset=offset)
+        elif cmd == "budget":
+            sign, tokens = parse_budget(str(command.get("tokens", "")))
+            cap = self.budget.cap
+            new_cap = cap + tokens if sign == "+" else cap - tokens if sign == "-" else tokens
+            new_cap = max(0, new_cap)
+            self.budget.set_cap(new_cap)
+            self.emit("budget_changed", max_tokens=new_cap, control_offset=offset)
+
+    def _kill(self, node_id: str) -> None:
+        task = self.node_tasks.get(node_id)
+        if task is not None and not task.done():
+            self.killed.add(node_id)
+            task.cancel()
+
+    def _start_fork(self, fork: dict[str, Any]) -> None:
+        parent = fork["id"]
+        node_id = self.state.next_child_id(parent)
+        phase = self.state.nodes[parent].phase + 1
+        self.emit("node_created", id=node_id, parent=parent, phase=phase, kind="fork", hint=fork.get("hint", ""))
+        task = asyncio.create_task(self._run_chain(node_id), name=f"fork {node_id}")
+        self.fork_tasks.add(task)
+        task.add_done_callback(self.fork_tasks.discard)
+
+
+def _last_control_offset(state: RunState, run_dir: Path) -> int:
+    """Commands already turned into events must not be replayed on resume."""
+    offset = 0
+    for event in read_events(run_dir / "events.jsonl"):
+        if "control_offset" in event:
+            offset = max(offset, int(event["control_offset"]))
+    return offset
+
+
+def _read_tail(ndir: Path, stage: str | None, limit: int = 6000) -> str:
+    names = {"build": "build.log", "check": "check.log", "bench": "bench.log", "timeout": "bench.log",
+             "metrics": "bench.log"}
+    name = names.get(stage or "")
+    if name is None:
+        return ""
+    path = ndir / name
+    if stage == "timeout":
+        for candidate in ("bench.log", "check.log", "build.log"):
+            if (ndir / candidate).exists():
+                path = ndir / candidate
+                break
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return ""
+    return data.decode(errors="replace")
+
+
+def _csv_line(cells: list[str]) -> str:
+    def quote(cell: str) -> str:
+        if any(ch in cell for ch in ',"\n'):
+            return '"' + cell.replace('"', '""') + '"'
+        return cell
+
+    return ",".join(quote(c) for c in cells) + "\n"
+
+
+def _toml_safe(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _toml_safe(v) for k, v in data.items() if v is not None}
+    if isinstance(data, list):
+        return [_toml_safe(v) for v in data]
+    return data
+
+
+def analysis_text(state: RunState, node_id: str) -> str:
+    """A short, factual comparison against the parent and the baseline."""
+    node = state.nodes[node_id]
+    parent = state.nodes.get(node.parent or "")
+    base = state.baseline
+    lines = [f"# {node.id}: {node.description or node.kind}", ""]
+    for spec in state.specs or []:
+        value = node.metrics.get(spec.column)
+        if value is None:
+            continue
+        parts = [f"{spec.column}: {value:.6g}"]
+        for label, other in (("parent", parent), ("baseline", base)):
+            if other is not None and other.ok and other is not node and other.metrics.get(spec.column):
+                ref = other.metrics[spec.column]
+                ratio = (ref / value if not spec.higher_is_better else value / ref) if value else float("inf")
+                parts.append(f"{ratio:.3g}x {'better' if ratio > 1 else 'worse' if ratio < 1 else 'same'} than {label} {other.id}")
+        spread = node.spread.get(spec.column, {})
+        if spread:
+            parts.append(f"n={int(spread.get('n', 0))}, min {spread.get('min', 0):.6g}, max {spread.get('max', 0):.6g}")
+        lines.append("- " + "; ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def allocate_run_dir(project_dir: Path) -> Path:
+    """Runs are numbered 1, 2, 3…; mkdir is atomic, so two starts at once get different numbers."""
+    root = runs_root(project_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
+    n = max(numbers, default=0) + 1
+    while True:
+        try:
+            (root / str(n)).mkdir()
+            return root / str(n)
+        except FileExistsError:
+            n += 1
+
+
+__all__ = ["Engine", "allocate_run_dir", "analysis_text", "job_prefix", "MetricSpec", "parse_header"]

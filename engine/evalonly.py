@@ -1,0 +1,67 @@
+"""`looptree eval`: benchmark git refs or node IDs with the project's own stages, no agent.
+
+Why separate from runs: a user checking "is branch X really faster than main?" wants numbers,
+not a new run in the tree; the worktrees go to a scratch folder and are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from engine import gitops
+from engine.config import load_config
+from engine.evaluator import Evaluator
+from engine.metrics import MetricSpec
+
+_NODE_ID = re.compile(r"^\d+(\.\d+)*$")
+
+
+async def eval_refs(project: Path, refs: list[str], *, repeats: int | None, config_file: Path | None,
+                    json_mode: bool) -> int:
+    config = load_config(project, config_file, [])
+    repo = await gitops.open_repo(project, create=False)
+    targets: list[tuple[str, str]] = []
+    if not refs:
+        targets.append(("working tree", await gitops.snapshot_working_tree(repo, "looptree eval: working tree")))
+    for ref in refs:
+        name = f"looptree/{ref}" if _NODE_ID.match(ref) else ref
+        targets.append((ref, await gitops.resolve_ref(repo, name)))
+    evaluator = Evaluator(config)
+    results: list[dict[str, Any]] = []
+    specs: list[MetricSpec] | None = None
+    scratch = project / ".looptree" / "eval"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        for index, (label, commit) in enumerate(targets):
+            wt = Path(tmp) / f"wt{index}"
+            await gitops.add_worktree(repo, wt, commit)
+            try:
+                def emit(type_: str, **fields: Any) -> None:
+                    if type_ == "stage_finished" and not json_mode:
+                        status = "ok" if fields.get("ok") else f"FAILED: {fields.get('reason')}"
+                        print(f"{label}: {fields.get('stage')} {status}", file=sys.stderr)
+                outcome = await evaluator.evaluate(node_id=f"eval{index}", project_dir=repo.project_in(wt),
+                                                   node_dir=Path(tmp) / f"logs{index}", run_dir=Path(tmp),
+                                                   job_tag=f"lt-eval-{index}", emit=emit, repeats=repeats)
+            finally:
+                await gitops.remove_worktree(repo, wt)
+            specs = specs or outcome.specs
+            results.append({"ref": label, "commit": commit, "ok": outcome.ok, "stage": outcome.stage,
+                            "reason": outcome.reason,
+                            "metrics": outcome.aggregate.values if outcome.aggregate else {},
+                            "spread": outcome.aggregate.spread if outcome.aggregate else {}})
+    if json_mode:
+        print(json.dumps(results, indent=2))
+    else:
+        cols = [s.column for s in specs or []]
+        print("\t".join(["ref", "commit", *cols]))
+        for r in results:
+            cells = [f"{r['metrics'][c]:.6g}" if c in r["metrics"] else "-" for c in cols]
+            status = cells if r["ok"] else [f"FAILED at {r['stage']}: {r['reason']}"]
+            print("\t".join([r["ref"], r["commit"][:10], *status]))
+    return 0 if all(r["ok"] for r in results) else 1

@@ -1,0 +1,210 @@
+"""The append-only event log: the single source of truth of a run.
+
+Why plain `os.write` on an O_APPEND descriptor rather than aiofiles: an event is a few hundred
+bytes, the write lands in the page cache in microseconds, and a thread hop per event would cost
+more than the write. Each event is written (and therefore visible to readers and safe from a
+`kill -9` of the engine) before the engine acts on it. `fsync=True` adds durability against power
+loss at a cost per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from engine.errors import LooptreeError, RunLockedError
+
+EVENTS_NAME = "events.jsonl"
+LOCK_NAME = "engine.lock"
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    """A crash mid-write can leave a last line without its newline: cut it so appends stay valid."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(max(0, size - 1))
+        if fh.read(1) == b"\n":
+            return
+        # Walk back to the last newline; files are small enough that a bounded scan is fine.
+        chunk = 1 << 16
+        pos = size
+        while pos > 0:
+            start = max(0, pos - chunk)
+            fh.seek(start)
+            data = fh.read(pos - start)
+            idx = data.rfind(b"\n")
+            if idx >= 0:
+                fh.truncate(start + idx + 1)
+                return
+            pos = start
+        fh.truncate(0)
+
+
+class EventLog:
+    """Writer side of `events.jsonl`. One per run directory, held by the engine that owns the lock."""
+
+    def __init__(self, run_dir: Path, *, fsync: bool = False) -> None:
+        self.path = run_dir / EVENTS_NAME
+        self.fsync = fsync
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_torn_tail(self.path)
+        self._seq = sum(1 for _ in iter_events(self.path))
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    def append(self, type_: str, **fields: Any) -> dict[str, Any]:
+        """Write one event and return it. The write is complete when this returns."""
+        event = {"seq": self._seq, "ts": round(time.time(), 6), "type": type_, **fields}
+        line = (json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+        view = memoryview(line)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        if self.fsync:
+            os.fsync(self._fd)
+        self._seq += 1
+        for listener in self._listeners:
+            listener(event)
+        return event
+
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """In-process listeners (state fold, headless printer) see every event once it is on disk."""
+        self._listeners.append(listener)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def iter_events(path: Path) -> Iterator[dict[str, Any]]:
+    """Read every complete event; a torn or garbled last line is skipped, a garbled middle line is an error."""
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with fh:
+        lines = fh.read().split(b"\n")
+    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
+    for number, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            yield json.loads(raw)
+        except json.JSONDecodeError:
+            if number == last:
+                return  # torn tail: the engine died mid-write
+            raise LooptreeError(f"{path}: line {number + 1} is not valid JSON (the event log is damaged)") from None
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    return list(iter_events(path))
+
+
+@dataclass
+class EventTail:
+    """Incremental reader for viewers (attach, dashboard): returns complete new events since the last call."""
+
+    path: Path
+    offset: int = 0
+    _partial: bytes = b""
+
+    def poll(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        if not data:
+            return []
+        self.offset += len(data)
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        events = []
+        for raw in lines:
+            if raw.strip():
+                try:
+                    events.append(json.loads(raw))
+                except json.JSONDecodeError:
+                    continue
+        return events
+
+
+async def follow_events(path: Path, stop: asyncio.Event, *, from_start: bool = True) -> AsyncIterator[list[dict[str, Any]]]:
+    """Yield batches of new events as the file grows (inotify through watchfiles, with a slow poll as backstop)."""
+    from watchfiles import awatch
+
+    tail = EventTail(path)
+    if not from_start and path.exists():
+        tail.offset = path.stat().st_size
+    first = tail.poll()
+    if first:
+        yield first
+    path.parent.mkdir(parents=True, exist_ok=True)
+    async for _changes in awatch(path.parent, stop_event=stop, debounce=50, step=50, rust_timeout=1000, yield_on_timeout=True):
+        batch = tail.poll()
+        if batch:
+            yield batch
+
+
+class RunLock:
+    """An exclusive flock on `engine.lock`: the kernel drops it when the engine dies, even by kill -9."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockedError(
+                f"run {self.path.parent.name} is already driven by {holder}; "
+                f"use `looptree attach {self.path.parent}` to watch it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def is_held(run_dir: Path) -> bool:
+        """True while some engine holds the run (attach uses it to tell 'live' from 'finished/crashed')."""
+        path = run_dir / LOCK_NAME
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False

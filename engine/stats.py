@@ -1,0 +1,184 @@
+"""Is a candidate really better than its parent, or is it noise?
+
+Why this shape: benchmark repeats are few (5–30), skewed and sometimes bimodal, so a rank test
+(one-sided Mann-Whitney U) decides *whether* there is a shift, and a bootstrap CI of the ratio of
+medians says *how big* it is. A candidate is "better" only if the shift is significant AND the
+whole CI clears the noise floor measured by timing the parent against itself (A/A): a 1 %
+"speed-up" on a machine whose A/A noise is 3 % is not one. Everything is seeded, so the same
+numbers always give the same verdict (resume and replay must agree with the live run).
+
+Pure numpy/scipy; no I/O, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+from scipy.stats import mannwhitneyu
+
+Label = Literal["better", "no significant change", "worse"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of ``compare``. ``ratio`` is median(candidate) / median(parent)."""
+
+    label: Label
+    ratio: float
+    ci_low: float
+    ci_high: float
+    p_value: float  # one-sided, in the direction of improvement
+    n_parent: int
+    n_candidate: int
+    p_value_worse: float = 1.0  # one-sided, in the direction of regression
+    noise_floor: float = 0.0
+    lower_is_better: bool = True
+
+    @property
+    def improvement_bound(self) -> float:
+        """The ratio the whole CI must clear to count as better (1 - floor or 1 + floor)."""
+        return 1.0 - self.noise_floor if self.lower_is_better else 1.0 + self.noise_floor
+
+    @property
+    def regression_bound(self) -> float:
+        return 1.0 + self.noise_floor if self.lower_is_better else 1.0 - self.noise_floor
+
+
+def _clean(values: Sequence[float], what: str) -> np.ndarray:
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError(f"{what}: no measurements")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what}: measurements contain NaN or inf")
+    return arr
+
+
+def iqr_filter(values: Sequence[float], k: float = 1.5) -> list[float]:
+    """Drop values outside [Q1 - k·IQR, Q3 + k·IQR] (a stray slow run from a noisy neighbour).
+
+    Never drops everything: identical values have IQR 0 and all survive.
+    """
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.size < 4:
+        return arr.tolist()
+    q1, q3 = np.percentile(arr, [25, 75])
+    iqr = q3 - q1
+    keep = arr[(arr >= q1 - k * iqr) & (arr <= q3 + k * iqr)]
+    return (keep if keep.size else arr).tolist()
+
+
+def bootstrap_ratio_ci(
+    parent: np.ndarray, candidate: np.ndarray, *, alpha: float = 0.05, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap (1 - alpha) CI of median(candidate) / median(parent), seeded."""
+    rng = np.random.default_rng(seed)
+    p_idx = rng.integers(0, parent.size, size=(n_boot, parent.size))
+    c_idx = rng.integers(0, candidate.size, size=(n_boot, candidate.size))
+    p_med = np.median(parent[p_idx], axis=1)
+    c_med = np.median(candidate[c_idx], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = c_med / p_med
+    ratios = ratios[np.isfinite(ratios)]
+    if ratios.size == 0:
+        return math.nan, math.nan
+    lo, hi = np.percentile(ratios, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
+def _one_sided_p(x: np.ndarray, y: np.ndarray, alternative: str) -> float:
+    """P-value that x is stochastically less/greater than y; 1.0 when the test cannot run."""
+    if np.all(x == x[0]) and np.all(y == y[0]) and x[0] == y[0]:
+        return 1.0  # identical constants: no evidence either way (scipy would warn)
+    return float(mannwhitneyu(x, y, alternative=alternative, method="auto").pvalue)
+
+
+def compare(
+    parent: Sequence[float],
+    candidate: Sequence[float],
+    *,
+    lower_is_better: bool = True,
+    alpha: float = 0.05,
+    noise_floor: float | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    filter_outliers: bool = False,
+) -> Verdict:
+    """Decide better / no significant change / worse for one metric (see module doc).
+
+    ``noise_floor`` is a relative margin (0.02 = 2 %), e.g. from ``noise_floor(a1, a2)``;
+    ``None`` means 0. With ``filter_outliers`` both samples go through ``iqr_filter`` first.
+    """
+    p = _clean(parent, "parent")
+    c = _clean(candidate, "candidate")
+    if filter_outliers:
+        p, c = np.asarray(iqr_filter(p)), np.asarray(iqr_filter(c))
+    floor = 0.0 if noise_floor is None else max(0.0, float(noise_floor))
+    better_alt, worse_alt = ("less", "greater") if lower_is_better else ("greater", "less")
+    p_better = _one_sided_p(c, p, better_alt)
+    p_worse = _one_sided_p(c, p, worse_alt)
+    med_p = float(np.median(p))
+    ratio = float(np.median(c)) / med_p if med_p != 0 else math.nan
+    ci_low, ci_high = bootstrap_ratio_ci(p, c, alpha=alpha, n_boot=n_boot, seed=seed)
+
+    label: Label = "no significant change"
+    ci_known = not (math.isnan(ci_low) or math.isnan(ci_high))
+    if lower_is_better:
+        clears_better = ci_known and ci_high < 1.0 - floor
+        clears_worse = ci_known and ci_low > 1.0 + floor
+    else:
+        clears_better = ci_known and ci_low > 1.0 + floor
+        clears_worse = ci_known and ci_high < 1.0 - floor
+    if p_better < alpha and clears_better:
+        label = "better"
+    elif p_worse < alpha and clears_worse:
+        label = "worse"
+    return Verdict(
+        label=label,
+        ratio=ratio,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        p_value=p_better,
+        n_parent=int(p.size),
+        n_candidate=int(c.size),
+        p_value_worse=p_worse,
+        noise_floor=floor,
+        lower_is_better=lower_is_better,
+    )
+
+
+def noise_floor(a1: Sequence[float], a2: Sequence[float], *, alpha: float = 0.05, n_boot: int = 2000, seed: int = 0) -> float:
+    """Relative noise from an A/A measurement (the parent timed twice).
+
+    The largest distance from 1 that the A/A ratio CI reaches: any real change must be bigger
+    than what the same code shows against itself.
+    """
+    x = _clean(a1, "A/A first run")
+    y = _clean(a2, "A/A second run")
+    lo, hi = bootstrap_ratio_ci(x, y, alpha=alpha, n_boot=n_boot, seed=seed)
+    if math.isnan(lo) or math.isnan(hi):
+        return 0.0
+    return float(max(abs(1.0 - lo), abs(hi - 1.0)))
+
+
+def adaptive_repeats(verdict: Verdict, *, max_repeats: int, step: int | None = None) -> int:
+    """How many more repeats of the candidate (and parent) to run; 0 means decide now.
+
+    More repeats only for a close call: no significant verdict yet, the CI still reaches past
+    the noise floor on some side (so more data could settle it), and the cap is not reached.
+    A CI entirely inside ±floor is settled as "no significant change". ``step`` defaults to
+    doubling the sample, clipped to the cap.
+    """
+    n = verdict.n_candidate
+    if verdict.label != "no significant change" or n >= max_repeats:
+        return 0
+    if math.isnan(verdict.ci_low) or math.isnan(verdict.ci_high):
+        return 0
+    floor = verdict.noise_floor
+    inside = 1.0 - floor <= verdict.ci_low and verdict.ci_high <= 1.0 + floor
+    if inside and floor > 0:
+        return 0
+    more = step if step is not None else max(1, n)
+    return max(0, min(more, max_repeats - n))
