@@ -1,28 +1,22 @@
 """Agent calls: one place where a prompt becomes tokens spent and a reply.
 
 Why here and not in each backend: the budget must hold whatever the backend (live endpoint or
-recorded cassette), so reservation, settlement, the `tokens_spent` event and the recording of
-every call happen around `LLMBackend.complete`, once.
+recorded cassette), so reservation and settlement (`BudgetedBackend`), the `tokens_spent` event
+and the recording of every call happen around `LLMBackend.complete`, once.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from engine.config import Config
-from engine.errors import BudgetExhausted, ConfigError
-from engine.llm.budget import TokenBudget
-from engine.llm.pricing import cost as price_cost
-from engine.llm.types import LLMBackend, LLMRequest, LLMResponse
-
-
-def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
-    """Conservative: ~3.5 characters a token plus a per-message overhead."""
-    return sum(math.ceil(len(m.get("content", "")) / 3.5) + 8 for m in messages) + 4
+from engine.errors import ConfigError
+from engine.llm.budget import BudgetedBackend, TokenBudget
+from engine.llm.pricing import PriceTable
+from engine.llm.types import LLMBackend, LLMError, LLMRequest, LLMResponse
 
 
 def model_for(config: Config, role: str) -> str:
@@ -55,33 +49,35 @@ def make_backend(config: Config, project_dir: Path, run_dir: Path) -> LLMBackend
 
 @dataclass
 class AgentCaller:
-    """Budgeted calls. `emit` writes events; a call that cannot fit raises BudgetExhausted before sending."""
+    """Budgeted calls. A call that cannot fit raises BudgetExhausted before anything is sent."""
 
     backend: LLMBackend
     budget: TokenBudget
     config: Config
     emit: Callable[..., Any]
+    prices: PriceTable = field(default_factory=PriceTable)
+
+    def __post_init__(self) -> None:
+        self._budgeted = BudgetedBackend(self.backend, self.budget, self.prices)
 
     async def call(self, role: str, node_id: str | None, messages: list[dict[str, str]], prompt_hash: str) -> LLMResponse:
-        model = model_for(self.config, role)
-        max_tokens = self.config.agent.max_tokens
-        estimate = estimate_prompt_tokens(messages) + max_tokens
-        reservation = await self.budget.reserve(estimate, price_cost(model, estimate - max_tokens, max_tokens))
-        request = LLMRequest(role=role, messages=messages, model=model, max_tokens=max_tokens,
-                             temperature=self.config.agent.temperature, node_id=node_id, prompt_hash=prompt_hash)
+        request = LLMRequest(role=role, messages=messages, model=model_for(self.config, role),
+                             max_tokens=self.config.agent.max_tokens, temperature=self.config.agent.temperature,
+                             node_id=node_id, prompt_hash=prompt_hash)
         started = time.monotonic()
         try:
-            response = await self.backend.complete(request)
-        except BaseException:
-            self.budget.release(reservation)
+            response = await self._budgeted.complete(request)
+        except LLMError as err:
+            if err.reported_tokens is not None:  # billed although unusable (e.g. an empty reply)
+                self._spent(role, node_id, err.prompt_tokens or 0, err.completion_tokens or 0, 0.0, started)
             raise
-        total = response.prompt_tokens + response.completion_tokens
-        cost = response.cost_usd or price_cost(response.model or model, response.prompt_tokens, response.completion_tokens)
-        self.budget.settle(reservation, total, cost)
-        self.emit("tokens_spent", id=node_id, role=role, prompt_tokens=response.prompt_tokens,
-                  completion_tokens=response.completion_tokens, total_tokens=total, cost_usd=round(cost, 6),
-                  duration_s=round(time.monotonic() - started, 3), spent=self.budget.spent)
+        self._spent(role, node_id, response.prompt_tokens, response.completion_tokens, response.cost_usd, started)
         return response
 
+    def _spent(self, role: str, node_id: str | None, prompt: int, completion: int, cost: float, started: float) -> None:
+        self.emit("tokens_spent", id=node_id, role=role, prompt_tokens=prompt, completion_tokens=completion,
+                  total_tokens=prompt + completion, cost_usd=round(cost or 0.0, 6),
+                  duration_s=round(time.monotonic() - started, 3), spent=self.budget.spent)
 
-__all__ = ["AgentCaller", "BudgetExhausted", "make_backend", "estimate_prompt_tokens"]
+    async def aclose(self) -> None:
+        await self._budgeted.aclose()

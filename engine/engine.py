@@ -65,7 +65,11 @@ class Engine:
         cap = state.max_tokens if state.max_tokens is not None else config.budget.max_tokens
         self.budget = TokenBudget(cap, config.budget.max_cost_usd)
         if state.tokens_spent or state.cost_usd:
-            self.budget.restore(state.tokens_spent, state.cost_usd)
+            self.budget.restore(state.tokens_spent, state.cost_usd, prompt_tokens=state.prompt_tokens,
+                                completion_tokens=state.completion_tokens)
+        mark_used = getattr(self.backend, "mark_used", None)
+        if mark_used is not None:  # a resumed replay must not hand out replies already consumed
+            mark_used(state.consumed_replies)
         self.caller = AgentCaller(self.backend, self.budget, config, self.emit)
         self.evaluator = Evaluator(config)
         self.workers = asyncio.Semaphore(config.search.num_workers)
@@ -167,6 +171,10 @@ class Engine:
             raise
         finally:
             control.cancel()
+            try:
+                await asyncio.wait_for(self.caller.aclose(), 10)
+            except (Exception, asyncio.TimeoutError):
+                pass
             for task in list(self.fork_tasks):
                 task.cancel()
             await asyncio.gather(control, *self.fork_tasks, return_exceptions=True)
@@ -262,7 +270,7 @@ class Engine:
                 return []
         ideas = parse_ideas(response.text, cfg.num_samples)
         (self.run_dir / "ideas.md").write_text(response.text)
-        self.emit("ideas_generated", ideas=ideas, usage={"prompt_tokens": response.prompt_tokens,
+        self.emit("ideas_generated", ideas=ideas, text=response.text, usage={"prompt_tokens": response.prompt_tokens,
                                                           "completion_tokens": response.completion_tokens})
         return ideas
 

@@ -92,6 +92,7 @@ class RunState:
     evaluated: int = 0
     gpu: dict[Any, dict[str, Any]] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    consumed_replies: list[str] = field(default_factory=list)  # every agent reply already paid for
 
     # -- folding ---------------------------------------------------------------------------
     @classmethod
@@ -118,6 +119,8 @@ class RunState:
 
     def _on_ideas_generated(self, e: dict[str, Any]) -> None:
         self.ideas = list(e.get("ideas", []))
+        if e.get("text"):
+            self.consumed_replies.append(e["text"])
 
     def _on_phase_started(self, e: dict[str, Any]) -> None:
         self.phases_started[e["phase"]] = list(e.get("parents", []))
@@ -147,6 +150,8 @@ class RunState:
 
     def _on_agent_finished(self, e: dict[str, Any]) -> None:
         node = self.nodes.get(e.get("id") or "")
+        if e.get("text"):
+            self.consumed_replies.append(e["text"])
         if node is not None:
             node.reply_text = e.get("text")
             node.description = e.get("description") or node.description

@@ -1,0 +1,182 @@
+"""TokenBudget arithmetic, and the cap under 16 concurrent calls over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from engine.errors import BudgetExhausted, ConfigError
+from engine.llm.budget import BudgetedBackend, TokenBudget, estimate_request_tokens
+from engine.llm.openai_backend import OpenAIBackend
+from engine.llm.pricing import PriceTable
+from engine.llm.providers import Endpoint
+from engine.llm.types import LLMError, LLMRequest, LLMRequestRejected, estimate_prompt_tokens
+
+try:
+    from llm_server import drop, llm_server, reply, status  # noqa: F401
+except ImportError:  # tests/ became a package
+    from tests.llm_server import drop, llm_server, reply, status  # noqa: F401
+
+
+def make_request(n: int = 0, max_tokens: int = 100, model: str = "gpt-4.1-mini") -> LLMRequest:
+    return LLMRequest(
+        role="optimize",
+        messages=[
+            {"role": "system", "content": "You optimize Python code for speed."},
+            {"role": "user", "content": f"Idea {n}: make solve() in solver.py faster. " * 2},
+        ],
+        model=model,
+        max_tokens=max_tokens,
+        temperature=0.7,
+        node_id=f"1.{n}",
+        prompt_hash=str(n),
+    )
+
+
+def test_estimate_is_chars_over_3_5_rounded_up_plus_overhead():
+    messages = [{"role": "user", "content": "x" * 8}]  # 8/3.5 = 2.29 → 3
+    assert estimate_prompt_tokens(messages) == 3 + 4 + 3
+    parts = [{"role": "user", "content": [{"type": "text", "text": "x" * 7}]}]
+    assert estimate_prompt_tokens(parts) == 3 + 4 + 2
+    request = make_request(max_tokens=500)
+    assert estimate_request_tokens(request) == estimate_prompt_tokens(request.messages) + 500
+
+
+async def test_reserve_settle_release_arithmetic():
+    budget = TokenBudget(1000)
+    a = await budget.reserve(300)
+    b = await budget.reserve(400)
+    assert (budget.reserved, budget.spent, budget.remaining) == (700, 0, 300)
+    budget.settle(a, 120, prompt_tokens=100, completion_tokens=20)
+    assert (budget.reserved, budget.spent, budget.remaining) == (400, 120, 480)
+    budget.release(b)
+    assert (budget.reserved, budget.spent, budget.remaining) == (0, 120, 880)
+    assert (budget.prompt_tokens, budget.completion_tokens) == (100, 20)
+    with pytest.raises(RuntimeError):
+        budget.release(b)  # a reservation ends once
+
+
+async def test_reservation_that_does_not_fit_is_refused_with_a_clear_line():
+    budget = TokenBudget(1000)
+    held = await budget.reserve(700)
+    with pytest.raises(BudgetExhausted) as info:
+        await budget.reserve(301)
+    message = str(info.value)
+    assert "301 tokens" in message and "300 of 1,000 left" in message and "\n" not in message
+    budget.settle(held, 650)
+    assert (await budget.reserve(350)).tokens == 350
+
+
+async def test_set_cap_below_spent_stops_the_next_call():
+    budget = TokenBudget(1000)
+    budget.settle(await budget.reserve(500), 500)
+    budget.set_cap(400)
+    assert budget.remaining == 0
+    with pytest.raises(BudgetExhausted):
+        await budget.reserve(1)
+    budget.set_cap(2000)
+    assert budget.remaining == 1500
+
+
+async def test_cost_cap():
+    budget = TokenBudget(10**9, max_cost_usd=0.01)
+    r = await budget.reserve(10, 0.008)
+    with pytest.raises(BudgetExhausted, match="cost budget exhausted"):
+        await budget.reserve(10, 0.003)
+    budget.settle(r, 10, 0.004)
+    await budget.reserve(10, 0.005)
+    assert budget.spent_cost_usd == pytest.approx(0.004)
+
+
+async def test_overreport_is_counted_and_logged(caplog):
+    budget = TokenBudget(1000)
+    r = await budget.reserve(100)
+    with caplog.at_level(logging.WARNING, logger="looptree.llm.budget"):
+        budget.settle(r, 130)
+    assert budget.spent == 130
+    assert "more than the 100 reserved" in caplog.text
+
+
+async def test_server_reporting_beyond_max_tokens_is_charged_in_full(llm_server):
+    # A misbehaving server ignores max_tokens: we still charge what it billed.
+    llm_server.script(reply("long", prompt_tokens=10, completion_tokens=5000))
+    backend = OpenAIBackend(Endpoint(llm_server.base_url, "k" * 20, "K", "local"), timeout_s=2)
+    budget = TokenBudget(100_000)
+    response = await BudgetedBackend(backend, budget).complete(make_request(max_tokens=100))
+    await backend.aclose()
+    assert response.completion_tokens == 5000
+    assert budget.spent == 5010 == llm_server.reported_total
+
+
+async def test_cost_is_priced_and_cost_cap_needs_a_known_price(llm_server):
+    llm_server.script(reply("a", prompt_tokens=1_000_000, completion_tokens=0))
+    backend = OpenAIBackend(Endpoint(llm_server.base_url, "k" * 20, "K", "local"), timeout_s=2)
+    budget = TokenBudget(10**9, max_cost_usd=5)
+    prices = PriceTable({"gpt-4.1-mini": {"input": 0.5, "output": 2.0}})
+    budgeted = BudgetedBackend(backend, budget, prices)
+    response = await budgeted.complete(make_request())
+    assert response.cost_usd == pytest.approx(0.5)
+    assert budget.spent_cost_usd == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="no price is known for model 'mystery-model'"):
+        await budgeted.complete(make_request(model="mystery-model"))
+    await backend.aclose()
+    assert len(llm_server.requests) == 1  # the unpriced call never left
+
+
+async def test_rejected_call_releases_its_reservation(llm_server):
+    llm_server.script(status(400, message="bad request"))
+    backend = OpenAIBackend(Endpoint(llm_server.base_url, "k" * 20, "K", "local"), timeout_s=2)
+    budget = TokenBudget(10_000)
+    with pytest.raises(LLMRequestRejected):
+        await BudgetedBackend(backend, budget).complete(make_request())
+    await backend.aclose()
+    assert (budget.spent, budget.reserved) == (0, 0)
+
+
+async def test_sixteen_workers_never_pass_the_cap(llm_server):
+    """16 concurrent workers, a tight cap: spent stays under the cap and equals exactly what
+    the server reported for the calls it answered; retried calls are charged once."""
+    cap = 5000
+    llm_server.set_delay(0.02)
+    llm_server.script(status(500), drop(), status(429, retry_after="0"), status(502))
+    backend = OpenAIBackend(
+        Endpoint(llm_server.base_url, "k" * 20, "K", "local"),
+        timeout_s=3,
+        max_retries=4,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+    )
+    budget = TokenBudget(cap)
+    budgeted = BudgetedBackend(backend, budget)
+    successes = []
+    max_reserved = 0
+
+    async def worker(w: int) -> None:
+        nonlocal max_reserved
+        n = 0
+        while True:
+            n += 1
+            try:
+                response = await budgeted.complete(make_request(w * 100 + n, max_tokens=120))
+            except BudgetExhausted:
+                return
+            except LLMError as exc:  # pragma: no cover - would fail the equality below
+                pytest.fail(f"unexpected LLM error: {exc}")
+            successes.append(response)
+            max_reserved = max(max_reserved, budget.reserved)
+            assert budget.spent <= cap
+
+    await asyncio.wait_for(asyncio.gather(*(worker(w) for w in range(16))), timeout=15)
+    await backend.aclose()
+
+    assert budget.spent <= cap
+    assert budget.reserved == 0
+    assert budget.spent == llm_server.reported_total == sum(r.total_tokens for r in successes)
+    assert len(successes) == len(llm_server.reported)
+    # The four scripted failures were retried, each inside its own call's reservation.
+    assert len(llm_server.requests) == len(successes) + 4
+    assert sum(r.attempts for r in successes) == len(llm_server.requests)
+    assert llm_server.max_in_flight > 1 and len(successes) > 16
+    assert budget.spent > cap // 2  # the budget was really used, not refused early
