@@ -96,7 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # KEY=VALUE may follow options (`run DIR --no-tui a.b=1`), which argparse alone refuses.
+        if getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "dir", None) and "=" in args.dir and getattr(args, "overrides", None) is not None \
+            and not Path(args.dir).is_dir():
+        args.overrides = [args.dir, *args.overrides]  # `looptree run a.b=1`: DIR left out
+        args.dir = "."
     if args.command is None:
         parser.print_help()
         return 2

@@ -21,7 +21,7 @@ CONFIG_NAME = "looptree.toml"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class ProjectSection(_Section):
@@ -146,9 +146,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _is_text_field(path: list[str]) -> bool:
+    """`agent.model=4` or `check.command=true` mean the text, not a number or a bool."""
+    model: Any = Config
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        model = fields[part].annotation
+    return model is str
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         path, value = parse_override(item)
+        if _is_text_field(path) and not isinstance(value, str):
+            value = item.split("=", 1)[1]
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -161,7 +174,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    parts = []
+    for part in first["loc"]:
+        if isinstance(part, int) or not str(part).isidentifier():
+            break  # list indexes and pydantic's union branch names are not keys
+        parts.append(str(part))
+    loc = ".".join(parts)
     kind = first["type"]
     got = first.get("input")
     if kind == "extra_forbidden":
@@ -169,8 +187,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     if kind == "missing":
         return f"{source}: missing required key {loc!r}"
     msg = first["msg"]
+    msg = msg[0].lower() + msg[1:] if msg else msg
     shown = json.dumps(got) if isinstance(got, (str, int, float, bool, list)) else type(got).__name__
-    return f"{source}: {loc}: {msg.lower()}, got {shown}"
+    return f"{source}: {loc}: {msg}, got {shown}"
 
 
 def load_config(project_dir: Path, config_file: Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -9,6 +9,7 @@ events, which is how every viewer learns what happened.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -32,7 +33,12 @@ def parse_budget(text: str) -> tuple[str, int]:
         raise LooptreeError(f"budget {text!r} is not a token count like 2000000, +500k or -1e5")
     sign, number, unit = match.groups()
     scale = {"": 1, "k": 1_000, "m": 1_000_000}[unit.lower()]
-    return sign, int(float(number) * scale)
+    value = float(number) * scale
+    if not math.isfinite(value) or value > 1e15:
+        raise LooptreeError(f"budget {text!r} is too large")
+    if value != int(value):
+        raise LooptreeError(f"budget {text!r} is not a whole number of tokens")
+    return sign, int(value)
 
 
 def make_command(cmd: str, node_id: str | None = None, *, hint: str | None = None, tokens: str | None = None) -> dict[str, Any]:

@@ -36,6 +36,17 @@ def _truncate_torn_tail(path: Path) -> None:
     with open(path, "rb+") as fh:
         fh.seek(max(0, size - 1))
         if fh.read(1) == b"\n":
+            # A last line that ends with a newline but is not JSON is torn too: cut it.
+            start = max(0, size - 65536)
+            fh.seek(start)
+            tail = fh.read().rstrip(b"\n")
+            idx = tail.rfind(b"\n")
+            last = tail[idx + 1:]
+            try:
+                json.loads(last)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if last.strip():
+                    fh.truncate(start + idx + 1)
             return
         # Walk back to the last newline; files are small enough that a bounded scan is fine.
         chunk = 1 << 16
@@ -123,7 +134,6 @@ class EventTail:
 
     path: Path
     offset: int = 0
-    _partial: bytes = b""
 
     def poll(self) -> list[dict[str, Any]]:
         try:
@@ -132,12 +142,12 @@ class EventTail:
                 data = fh.read()
         except FileNotFoundError:
             return []
-        if not data:
+        end = data.rfind(b"\n")
+        if end < 0:
             return []
-        self.offset += len(data)
-        data = self._partial + data
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
+        # Advance only past complete lines: a torn tail may be cut and rewritten by a resume.
+        self.offset += end + 1
+        lines = data[: end + 1].split(b"\n")
         events = []
         for raw in lines:
             if raw.strip():

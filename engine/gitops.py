@@ -43,11 +43,18 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 async def git(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = GIT_TIMEOUT,
               check: bool = True, input_bytes: bytes | None = None) -> str:
     """Run one git command; a failure raises GitError with git's own first error line."""
-    proc = await asyncio.create_subprocess_exec(
-        "git", *SAFE_CONFIG, *args, cwd=str(cwd), env=_env(env),
-        stdin=asyncio.subprocess.PIPE if input_bytes is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "git", *SAFE_CONFIG, *args, cwd=str(cwd), env=_env(env),
+            stdin=asyncio.subprocess.PIPE if input_bytes is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        )
+    except FileNotFoundError:
+        if not Path(cwd).is_dir():
+            raise GitError(f"git {args[0]}: directory {cwd} does not exist") from None
+        raise GitError("git is not installed (looptree needs the git command)") from None
+    except OSError as exc:
+        raise GitError(f"git {args[0]} could not start: {exc}") from None
     try:
         out, err = await asyncio.wait_for(proc.communicate(input_bytes), timeout)
     except (asyncio.TimeoutError, asyncio.CancelledError):

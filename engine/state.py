@@ -174,7 +174,9 @@ class RunState:
         self.llm_calls += 1
 
     def _on_edits_applied(self, e: dict[str, Any]) -> None:
-        node = self.nodes[e["id"]]
+        node = self.nodes.get(e.get("id") or "")
+        if node is None:
+            return
         node.files = list(e.get("files", []))
         node.commit = e.get("commit")
         node.branch = e.get("branch")
@@ -207,7 +209,9 @@ class RunState:
             del node.rows[:1000]
 
     def _on_node_evaluated(self, e: dict[str, Any]) -> None:
-        node = self.nodes[e["id"]]
+        node = self.nodes.get(e.get("id") or "")
+        if node is None:
+            return
         node.status = "done"
         node.stage = None
         node.metrics = dict(e.get("metrics", {}))
@@ -223,7 +227,9 @@ class RunState:
         self.evaluated += 1
 
     def _on_node_failed(self, e: dict[str, Any]) -> None:
-        node = self.nodes[e["id"]]
+        node = self.nodes.get(e.get("id") or "")
+        if node is None:
+            return
         node.status = "failed"
         node.stage = None
         node.failure_stage = e.get("stage")

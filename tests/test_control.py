@@ -1,0 +1,153 @@
+"""The control channel: command validation (shared by `looptree ctl` and the dashboard) and tailing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.control import CONTROL_NAME, COMMANDS, ControlTail, append_control, make_command, parse_budget
+from engine.errors import LooptreeError
+
+
+# ---------------------------------------------------------------------------- make_command
+
+
+@pytest.mark.parametrize("cmd", ["pause", "resume", "stop"])
+def test_commands_without_arguments(cmd: str) -> None:
+    record = make_command(cmd)
+    assert record["cmd"] == cmd and isinstance(record["ts"], float)
+    assert set(record) == {"ts", "cmd"}
+
+
+@pytest.mark.parametrize("cmd", ["prune", "pin", "unpin", "kill"])
+def test_commands_with_a_node_id(cmd: str) -> None:
+    record = make_command(cmd, "3.2.1")
+    assert set(record) == {"ts", "cmd", "id"}
+    assert (record["cmd"], record["id"]) == (cmd, "3.2.1")
+
+
+def test_fork_carries_its_hint() -> None:
+    record = make_command("fork", "3.2", hint="try a lookup table")
+    assert (record["id"], record["hint"]) == ("3.2", "try a lookup table")
+    assert make_command("fork", "3")["hint"] == ""
+
+
+def test_budget_keeps_the_text_for_the_engine_to_apply() -> None:
+    assert make_command("budget", tokens="+500k")["tokens"] == "+500k"
+
+
+def test_unknown_command_lists_the_valid_ones() -> None:
+    with pytest.raises(LooptreeError) as info:
+        make_command("paws")
+    assert str(info.value) == ("unknown command 'paws'; one of: "
+                               "pause, resume, stop, prune, pin, unpin, fork, budget, kill")
+    assert set(COMMANDS) >= {"pause", "resume", "stop", "prune", "pin", "unpin", "fork", "budget"}
+
+
+@pytest.mark.parametrize("cmd", ["prune", "pin", "unpin", "fork", "kill"])
+def test_missing_node_id(cmd: str) -> None:
+    with pytest.raises(LooptreeError) as info:
+        make_command(cmd)
+    assert str(info.value) == f"`{cmd}` needs a node ID like 3.2.1, got None"
+
+
+@pytest.mark.parametrize("bad", ["abc", "3.", ".3", "3..2", "3.x", "-1", "3 2", ""])
+def test_bad_node_id(bad: str) -> None:
+    with pytest.raises(LooptreeError) as info:
+        make_command("prune", bad)
+    assert str(info.value) == f"`prune` needs a node ID like 3.2.1, got {bad!r}"
+
+
+def test_budget_needs_a_token_count() -> None:
+    with pytest.raises(LooptreeError) as info:
+        make_command("budget")
+    assert str(info.value) == "`budget` needs a token count: budget 2000000 | +500000 | -100000"
+
+
+def test_budget_with_a_bad_count() -> None:
+    with pytest.raises(LooptreeError) as info:
+        make_command("budget", tokens="lots")
+    assert str(info.value) == "budget 'lots' is not a token count like 2000000, +500k or -1e5"
+
+
+# ---------------------------------------------------------------------------- parse_budget
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("2000000", ("", 2_000_000)),
+    ("+500000", ("+", 500_000)),
+    ("+500k", ("+", 500_000)),
+    ("300K", ("", 300_000)),
+    ("-1e5", ("-", 100_000)),
+    ("1E3", ("", 1_000)),
+    ("2M", ("", 2_000_000)),
+    ("2m", ("", 2_000_000)),
+    ("1.5k", ("", 1_500)),
+    (" +2M ", ("+", 2_000_000)),
+])
+def test_parse_budget(text: str, parsed: tuple[str, int]) -> None:
+    assert parse_budget(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["", "k", "1,000", "1e-3", "++5", "5 k", "five", "2G"])
+def test_parse_budget_refuses(text: str) -> None:
+    with pytest.raises(LooptreeError, match="is not a token count like 2000000, \\+500k or -1e5"):
+        parse_budget(text)
+
+
+def test_parse_budget_refuses_an_overflowing_exponent() -> None:
+    with pytest.raises(LooptreeError):
+        parse_budget("1e400")
+
+
+# ---------------------------------------------------------------------------- append + tail
+
+
+def test_append_then_poll_incrementally(tmp_path: Path) -> None:
+    tail = ControlTail(tmp_path / CONTROL_NAME)
+    assert tail.poll() == []  # no file yet
+    append_control(tmp_path, make_command("pause"))
+    append_control(tmp_path, make_command("prune", "1.2"))
+    got = tail.poll()
+    assert [(r["cmd"], r.get("id")) for r in got] == [("pause", None), ("prune", "1.2")]
+    assert tail.poll() == []
+    append_control(tmp_path, make_command("budget", tokens="-1e5"))
+    assert [r["tokens"] for r in tail.poll()] == ["-1e5"]
+    assert tail.offset == (tmp_path / CONTROL_NAME).stat().st_size
+
+
+def test_each_command_is_one_json_line(tmp_path: Path) -> None:
+    append_control(tmp_path, make_command("fork", "1", hint="line one\nline two"))
+    lines = (tmp_path / CONTROL_NAME).read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["hint"] == "line one\nline two"
+
+
+def test_poll_waits_for_a_partial_line(tmp_path: Path) -> None:
+    path = tmp_path / CONTROL_NAME
+    line = json.dumps({"ts": 1.0, "cmd": "stop"}) + "\n"
+    tail = ControlTail(path)
+    path.write_text(line[:7])
+    assert tail.poll() == [] and tail.offset == 0
+    with open(path, "a") as fh:
+        fh.write(line[7:] + line[:3])
+    assert [r["cmd"] for r in tail.poll()] == ["stop"]
+    assert tail.offset == len(line)
+    with open(path, "a") as fh:
+        fh.write(line[3:])
+    assert [r["cmd"] for r in tail.poll()] == ["stop"]
+    assert tail.offset == 2 * len(line)
+
+
+def test_poll_skips_garbage_and_unknown_commands(tmp_path: Path) -> None:
+    path = tmp_path / CONTROL_NAME
+    path.write_text('not json\n[1, 2]\n{"cmd": "explode"}\n{"no": "cmd"}\n{"ts": 1, "cmd": "resume"}\n')
+    assert ControlTail(path).poll() == [{"ts": 1, "cmd": "resume"}]
+
+
+def test_tail_can_start_from_a_saved_offset(tmp_path: Path) -> None:
+    append_control(tmp_path, make_command("pause"))
+    offset = (tmp_path / CONTROL_NAME).stat().st_size
+    append_control(tmp_path, make_command("resume"))
+    assert [r["cmd"] for r in ControlTail(tmp_path / CONTROL_NAME, offset).poll()] == ["resume"]
