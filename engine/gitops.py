@@ -155,7 +155,8 @@ async def remove_worktree(repo: Repo, path: Path) -> None:
         await git("worktree", "remove", "--force", "--force", str(path), cwd=repo.root, check=False)
         if path.exists():
             await asyncio.to_thread(shutil.rmtree, path, True)
-    await git("worktree", "prune", cwd=repo.root, check=False)
+            # Only a half-removed worktree leaves git's bookkeeping behind; `remove` cleans its own.
+            await git("worktree", "prune", cwd=repo.root, check=False)
 
 
 async def commit_worktree(worktree: Path, files: list[str], message: str) -> str:
