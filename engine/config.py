@@ -41,9 +41,13 @@ class BenchSection(_Section):
     metrics: str = "metrics.csv"
     timeout: float = Field(default=600, gt=0)
     repeats: int = Field(default=5, ge=1, le=1000)
-    # looptree addition: CPU benchmarks run one at a time so they don't disturb each other's timings.
+    # looptree additions (README): CPU benchmarks run one at a time so they don't disturb each
+    # other's timings; candidates are timed interleaved with their parent and judged by a test.
     concurrency: int = Field(default=1, ge=1, le=64)
-    uses_gpu: bool = False
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    compare: Literal["interleaved", "off"] = "interleaved"
+    max_repeats: int = Field(default=10, ge=1, le=1000)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
 
 
 class CheckSection(_Section):

@@ -35,8 +35,18 @@ from engine.procs import kill_jobs_with_prefix
 from engine.prompts import PromptBuilder, format_results, load_templates, parse_ideas, prompt_hash
 from engine.runs import node_dir, runs_root, worktrees_root
 from engine.state import NodeState, RunState
+from gpu.slots import DeviceSlots, env_for, parse_devices
+from gpu.telemetry import TelemetryBackend, choose_backend, sample_loop
 
 CONTROL_POLL_S = 0.2
+
+
+class _nullcontext:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
 
 
 class _Stop(Exception):
@@ -50,7 +60,8 @@ def job_prefix(run_dir: Path) -> str:
 
 class Engine:
     def __init__(self, *, project_dir: Path, run_dir: Path, config: Config, repo: gitops.Repo,
-                 log: EventLog, state: RunState, lock: RunLock, backend: LLMBackend | None = None) -> None:
+                 log: EventLog, state: RunState, lock: RunLock, backend: LLMBackend | None = None,
+                 telemetry: TelemetryBackend | None = None) -> None:
         self.project_dir = project_dir
         self.run_dir = run_dir
         self.config = config
@@ -72,6 +83,12 @@ class Engine:
             mark_used(state.consumed_replies)
         self.caller = AgentCaller(self.backend, self.budget, config, self.emit)
         self.evaluator = Evaluator(config)
+        self.telemetry = telemetry if telemetry is not None else choose_backend(config.gpu.telemetry)
+        self.gpu_devices = [] if config.bench.device == "cpu" else parse_devices(config.gpu.devices, self.telemetry)
+        if config.bench.device == "gpu" and not self.gpu_devices:
+            raise LooptreeError(f"bench.device = 'gpu' but no GPU can be used: "
+                                f"{getattr(self.telemetry, 'reason', None) or 'gpu.devices selects none'}")
+        self.slots = DeviceSlots(self.gpu_devices or "none")
         self.workers = asyncio.Semaphore(config.search.num_workers)
         self.bench_slots = asyncio.Semaphore(config.bench.concurrency)
         self.unpaused = asyncio.Event()
@@ -155,6 +172,8 @@ class Engine:
     async def run(self) -> str:
         """Drive the run to its end; return the finish reason (also written as `run_finished`)."""
         control = asyncio.create_task(self._control_loop(), name="control")
+        telemetry_stop = asyncio.Event()
+        telemetry = asyncio.create_task(self._telemetry_loop(telemetry_stop), name="telemetry")
         self._main_task = asyncio.create_task(self._search(), name="search")
         reason: str
         try:
@@ -171,6 +190,13 @@ class Engine:
             raise
         finally:
             control.cancel()
+            telemetry_stop.set()
+            telemetry.cancel()
+            await asyncio.gather(telemetry, return_exceptions=True)
+            try:
+                self.telemetry.close()
+            except Exception:
+                pass
             try:
                 await asyncio.wait_for(self.caller.aclose(), 10)
             except (Exception, asyncio.TimeoutError):
@@ -456,18 +482,40 @@ class Engine:
         self.emit("edits_applied", id=node.id, files=files, commit=commit, branch=branch)
         return True
 
-    async def _evaluate(self, node: NodeState, wt: Path, ndir: Path) -> None:
-        await self._gate()
-        async with self.bench_slots:
-            await self._gate()
-            for name in ("build.log", "check.log", "bench.log", "bench_metrics.csv"):
-                (ndir / name).unlink(missing_ok=True)
-            outcome = await self.evaluator.evaluate(
-                node_id=node.id, project_dir=self.repo.project_in(wt), node_dir=ndir, run_dir=self.run_dir,
-                job_tag=f"{self.job_prefix}{node.id}", emit=self.emit)
-        self._record_outcome(node, outcome, ndir)
+    def _reference_for(self, node: NodeState) -> NodeState | None:
+        """The nearest evaluated ancestor: what the candidate is timed against, back to back."""
+        current = self.state.nodes.get(node.parent or "")
+        while current is not None and not (current.ok and current.commit):
+            current = self.state.nodes.get(current.parent or "")
+        return current
 
-    def _record_outcome(self, node: NodeState, outcome: EvalOutcome, ndir: Path) -> None:
+    async def _evaluate(self, node: NodeState, wt: Path, ndir: Path) -> None:
+        reference = self._reference_for(node) if self.config.bench.compare == "interleaved" else None
+        ref_wt = worktrees_root(self.run_dir) / f"{node.id}.ref"
+        await self._gate()
+        kind = "gpu" if self.gpu_devices else "cpu"
+        try:
+            async with self.bench_slots if kind == "cpu" else _nullcontext():
+                async with self.slots.acquire(kind, holder=node.id) as device:
+                    await self._gate()
+                    for name in ("build.log", "check.log", "bench.log", "bench_metrics.csv", "parent_bench.log",
+                                 "parent_build.log"):
+                        (ndir / name).unlink(missing_ok=True)
+                    if reference is not None:
+                        await self._add_worktree(ref_wt, reference.commit or "")
+                    outcome = await self.evaluator.evaluate(
+                        node_id=node.id, project_dir=self.repo.project_in(wt), node_dir=ndir, run_dir=self.run_dir,
+                        job_tag=f"{self.job_prefix}{node.id}", emit=self.emit, device=device,
+                        device_env=env_for(device),
+                        reference_dir=self.repo.project_in(ref_wt) if reference is not None else None)
+        finally:
+            if reference is not None:
+                await self._remove_worktree(ref_wt)
+        if outcome.verdict is not None and reference is not None:
+            outcome.verdict["against"] = reference.id
+        self._record_outcome(node, outcome, ndir, device)
+
+    def _record_outcome(self, node: NodeState, outcome: EvalOutcome, ndir: Path, device: Any = None) -> None:
         if not outcome.ok or outcome.aggregate is None or outcome.specs is None:
             (ndir / "failure.txt").write_text(f"{outcome.stage}: {outcome.reason}\n\n{outcome.log_tail}\n")
             self.emit("node_failed", id=node.id, stage=outcome.stage, reason=outcome.reason)
@@ -479,7 +527,8 @@ class Engine:
             return
         iteration = self.state.evaluated + 1
         self.emit("node_evaluated", id=node.id, iteration=iteration, metrics=outcome.aggregate.values,
-                  spread=outcome.aggregate.spread, columns=columns)
+                  spread=outcome.aggregate.spread, columns=columns, verdict=outcome.verdict, device=device,
+                  repeats=len(outcome.rows))
         self._append_metrics_csv(node.id)
         (ndir / "analysis.md").write_text(analysis_text(self.state, node.id))
 
@@ -521,6 +570,22 @@ class Engine:
             await self.unpaused.wait()
         if self.stop_reason:
             raise _Stop()
+
+    # -- GPU telemetry -----------------------------------------------------------------------
+    async def _telemetry_loop(self, stop: asyncio.Event) -> None:
+        """One gpu_sample event per device per interval, naming the node benchmarking on it."""
+        count = self.telemetry.device_count()
+        self.emit("gpu_status", available=count > 0, devices=self.gpu_devices, backend=self.telemetry.name,
+                  reason=None if count else (getattr(self.telemetry, "reason", None) or "no GPU"))
+        if not count:
+            return
+
+        def on_sample(sample: Any) -> None:
+            fields = sample.event_fields()
+            fields["node"] = self.slots.busy().get(sample.index)
+            self.emit("gpu_sample", device=sample.index, fields=fields)
+
+        await sample_loop(self.telemetry, self.config.gpu.sample_interval, on_sample, stop)
 
     # -- control ---------------------------------------------------------------------------
     async def _control_loop(self) -> None:

@@ -80,7 +80,12 @@ def format_event(event: dict[str, Any], state: RunState) -> str | None:
             if a and b:
                 r = (a / b) if not lead.higher_is_better else (b / a)
                 ratio = f"  ({r:.2f}x vs baseline)"
-        return f"{node:<10} evaluated #{event.get('iteration')}: {_metrics(event.get('metrics', {}))}{ratio}"
+        verdict = event.get("verdict") or {}
+        call = (f" — {verdict['label']} than {verdict.get('against')} (ratio {verdict.get('ratio', 0):.3g}, "
+                f"CI {verdict.get('ci_low', 0):.3g}–{verdict.get('ci_high', 0):.3g}, n={verdict.get('n_candidate')})"
+                if verdict.get("label") else "")
+        call = call.replace("no significant change than", "no significant change vs").replace("worse than", "worse than")
+        return f"{node:<10} evaluated #{event.get('iteration')}: {_metrics(event.get('metrics', {}))}{ratio}{call}"
     if kind == "node_failed":
         return f"{node:<10} FAILED at {event.get('stage')}: {_short(event.get('reason'), 200)}"
     if kind in ("node_pruned", "node_pinned", "node_unpinned"):
@@ -95,6 +100,11 @@ def format_event(event: dict[str, Any], state: RunState) -> str | None:
         return "resumed"
     if kind == "stop_requested":
         return f"stopping: {event.get('reason')}"
+    if kind == "gpu_status":
+        return (f"GPU: {len(event.get('devices') or [])} device(s) for benchmarks via {event.get('backend')}"
+                if event.get("available") else f"no GPU: {event.get('reason')} (benchmarks run on the CPU)")
+    if kind == "gpu_sample":
+        return None
     if kind == "message":
         return str(event.get("text"))
     if kind == "run_finished":

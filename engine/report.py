@@ -33,6 +33,15 @@ def _metric_text(node: NodeState, specs: list[MetricSpec] | None) -> str:
     return "  ".join(f"{s.name}={node.metrics[s.column]:.4g}" for s in cols if s.column in node.metrics)
 
 
+def verdict_text(node: NodeState) -> str:
+    """`  [better than 1.2: 0.41x, 95% CI 0.38–0.45]`: the noise-aware call against the reference."""
+    v = node.verdict
+    if not v:
+        return ""
+    return (f"  [{v.get('label')} vs {v.get('against', node.parent)}: ratio {v.get('ratio', 0):.3g}, "
+            f"CI {v.get('ci_low', 0):.3g}–{v.get('ci_high', 0):.3g}, n={v.get('n_candidate')}]")
+
+
 def node_line(state: RunState, node: NodeState) -> str:
     status = STATUS_MARK.get(node.status, node.status)
     if not node.terminal and state.finished:
@@ -43,7 +52,7 @@ def node_line(state: RunState, node: NodeState) -> str:
     if node.status == "failed":
         detail = f"{node.failure_stage}: {' '.join((node.failure_reason or '').split())[:100]}"
     else:
-        detail = _metric_text(node, state.specs) + ratio_text
+        detail = _metric_text(node, state.specs) + ratio_text + verdict_text(node)
     desc = " ".join((node.description or node.idea or node.kind).split())[:70]
     return f"{node.id}  {status:<8} {marks}{detail}  — {node.kind}: {desc}"
 
@@ -93,7 +102,8 @@ def node_json(state: RunState, node: NodeState) -> dict[str, Any]:
         "branch": node.branch, "files": node.files, "metrics": node.metrics, "spread": node.spread,
         "iteration": node.iteration, "failure_stage": node.failure_stage, "failure_reason": node.failure_reason,
         "pinned": node.pinned, "pruned": node.pruned, "tokens": node.tokens, "prompt_hash": node.prompt_hash,
-        "ratio_vs_baseline": lead_ratio(state, node), "children": node.children,
+        "ratio_vs_baseline": lead_ratio(state, node), "children": node.children, "verdict": node.verdict,
+        "credited_to": state.credited(node).id if node.ok else None, "device": node.device,
     }
 
 

@@ -51,7 +51,7 @@ def best_key(state: RunState) -> tuple[float, ...] | None:
     best = state.best()
     if best is None or not state.specs:
         return None
-    return priority_key(best.metrics, state.specs)
+    return priority_key(state.credited(best).metrics, state.specs)
 
 
 def phases_without_improvement(state: RunState) -> int:

@@ -93,6 +93,8 @@ class RunState:
     gpu: dict[Any, dict[str, Any]] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
     consumed_replies: list[str] = field(default_factory=list)  # every agent reply already paid for
+    gpu_available: bool | None = None
+    gpu_reason: str | None = None
 
     # -- folding ---------------------------------------------------------------------------
     @classmethod
@@ -200,7 +202,7 @@ class RunState:
 
     def _on_metric_row(self, e: dict[str, Any]) -> None:
         node = self.nodes.get(e.get("id") or "")
-        if node is None:
+        if node is None or e.get("side") == "parent":
             return
         if self.specs is None and e.get("columns"):
             self.specs = parse_header(["iteration", *e["columns"]])
@@ -275,6 +277,10 @@ class RunState:
         self.finished = e.get("reason", "finished")
         self.finished_ts = e.get("ts")
 
+    def _on_gpu_status(self, e: dict[str, Any]) -> None:
+        self.gpu_available = bool(e.get("available"))
+        self.gpu_reason = e.get("reason")
+
     def _on_gpu_sample(self, e: dict[str, Any]) -> None:
         self.gpu[e.get("device")] = dict(e.get("fields", {}))
 
@@ -300,13 +306,38 @@ class RunState:
     def successful(self) -> list[NodeState]:
         return [self.nodes[i] for i in self.order if self.nodes[i].ok and self.nodes[i].metrics]
 
+    def credited(self, node: NodeState) -> NodeState:
+        """The node whose metrics this node is credited with.
+
+        A node is better than the node it was timed against only when the noise-aware verdict
+        says so; "no significant change" or "worse" credits it with that reference's numbers,
+        so a lucky mean never becomes the best node. Nodes without a verdict (the baseline,
+        runs with `bench.compare = "off"`) stand on their own metrics.
+        """
+        seen = 0
+        while node.verdict and node.verdict.get("label") != "better" and seen < 1000:
+            ref = self.nodes.get(node.verdict.get("against") or node.parent or "")
+            if ref is None or not ref.ok:
+                break
+            node, seen = ref, seen + 1
+        return node
+
     def ranked(self, *, include_pruned: bool = True) -> list[NodeState]:
-        """Successful nodes, best first, by the metrics' priority order (leftmost decides)."""
+        """Successful nodes, best first, by the metrics' priority order (leftmost decides).
+
+        Each node ranks by the metrics it is credited with (see `credited`); among equals the
+        node that earned them comes first, so the parent beats a child that was no better.
+        """
         specs = self.specs or []
         nodes = [n for n in self.successful() if include_pruned or not n.pruned]
         if not specs:
             return nodes
-        return sorted(nodes, key=lambda n: priority_key(n.metrics, specs), reverse=True)
+
+        def key(n: NodeState) -> tuple[Any, ...]:
+            source = self.credited(n)
+            return (*priority_key(source.metrics, specs), 1 if source is n else 0, -n.depth)
+
+        return sorted(nodes, key=key, reverse=True)
 
     def best(self) -> NodeState | None:
         ranked = self.ranked()

@@ -21,7 +21,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_projects" / "hotloop"
-FAST = ["bench.repeats=1", "search.num_phases=2"]
+FAST = ["bench.repeats=2", "bench.max_repeats=4", "search.num_phases=2"]
+# Crash/resume semantics do not depend on the interleaved comparison: keep those runs short.
+QUICK = ["bench.repeats=1", "bench.compare=off", "search.num_phases=2"]
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +132,7 @@ def test_kill_9_then_resume_finishes(project: Path, kill_point: str) -> None:
         "phase 1": lambda ev: any(e["type"] == "phase_started" and e.get("phase") == 1 for e in ev)
         and any(e["type"] == "agent_finished" and e.get("id", "").count(".") >= 2 for e in ev),
     }
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(project), "--no-tui", *FAST],
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(project), "--no-tui", *QUICK],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     run_dir = project / ".looptree" / "runs" / "1"
     try:
@@ -158,7 +160,7 @@ def test_kill_9_then_resume_finishes(project: Path, kill_point: str) -> None:
 
 
 def test_second_engine_on_same_run_is_refused(project: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(project), "--no-tui", *FAST],
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(project), "--no-tui", *QUICK],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     run_dir = project / ".looptree" / "runs" / "1"
     try:
