@@ -114,7 +114,7 @@ class Engine:
     # -- construction ----------------------------------------------------------------------
     @classmethod
     async def create(cls, project_dir: Path, config: Config, *, run_dir: Path | None = None,
-                     backend: LLMBackend | None = None) -> "Engine":
+                     backend: LLMBackend | None = None, telemetry: TelemetryBackend | None = None) -> "Engine":
         """Start run N+1: numbered run dir, lock, baseline snapshot, `run_started`."""
         project_dir = project_dir.resolve()
         check_patterns(config, project_dir)
@@ -132,7 +132,7 @@ class Engine:
             log = EventLog(run_dir)
             state = RunState()
             engine = cls(project_dir=project_dir, run_dir=run_dir, config=config, repo=repo, log=log,
-                         state=state, lock=lock, backend=backend)
+                         state=state, lock=lock, backend=backend, telemetry=telemetry)
             engine.emit("run_started", run=int(run_dir.name), project=str(project_dir), config=config.to_dict(),
                         base_commit=base, pid=os.getpid(), host=socket.gethostname())
             return engine
@@ -141,7 +141,8 @@ class Engine:
             raise
 
     @classmethod
-    async def reopen(cls, run_dir: Path, *, backend: LLMBackend | None = None) -> "Engine":
+    async def reopen(cls, run_dir: Path, *, backend: LLMBackend | None = None,
+                     telemetry: TelemetryBackend | None = None) -> "Engine":
         """Resume: take the lock, fold the log, clear what the dead engine left (processes, worktrees)."""
         run_dir = run_dir.resolve()
         if not (run_dir / "events.jsonl").exists():
@@ -159,7 +160,7 @@ class Engine:
             removed = await gitops.prune_worktrees(repo, worktrees_root(run_dir))
             log = EventLog(run_dir)
             engine = cls(project_dir=project_dir, run_dir=run_dir, config=config, repo=repo, log=log,
-                         state=state, lock=lock, backend=backend)
+                         state=state, lock=lock, backend=backend, telemetry=telemetry)
             engine.control.offset = _last_control_offset(state, run_dir)
             engine.emit("engine_attached", pid=os.getpid(), orphans_killed=killed, worktrees_removed=removed)
             engine.rewrite_metrics_csv()
