@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, metavar="DIR")
     p.add_argument("--level", required=True, metavar="L")
     p.add_argument("--tasks", required=True, metavar="A-B")
-    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--eval-only", action="store_true", help="time the reference (and --solutions) without an agent")
+    p.add_argument("--solutions", default=None, metavar="DIR",
+                   help="with --eval-only: time DIR/{N}_*.py (ModelNew) against each task's baselines")
     p.add_argument("--out", default=None, metavar="DIR", help="where the per-task projects go")
     p.add_argument("--no-tui", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")

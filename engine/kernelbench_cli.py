@@ -115,7 +115,8 @@ def run_kernelbench(args: argparse.Namespace) -> int:
         if args.eval_only:
             result = eval_task(problem, project, overrides, solutions)
         else:
-            result, stopped = asyncio.run(agent_task(problem, project, overrides))
+            config = first if index == 1 else load_config(project, None, overrides)
+            result, stopped = asyncio.run(agent_task(problem, project, config))
         results.append(result)
         line = _result_line(result)
         print(f"== {problem.stem}: {line}", file=sys.stderr, flush=True)
@@ -279,7 +280,7 @@ def _num(value: Any) -> float | None:
 # --------------------------------------------------------------------------- agent runs
 
 
-async def agent_task(problem: Problem, project: Path, overrides: Sequence[str]) -> tuple[TaskResult, bool]:
+async def agent_task(problem: Problem, project: Path, config: Config) -> tuple[TaskResult, bool]:
     """One headless looptree run on the task's project; returns its result and whether the user stopped it."""
     from engine.engine import Engine
     from engine.events import read_events
@@ -287,7 +288,6 @@ async def agent_task(problem: Problem, project: Path, overrides: Sequence[str]) 
 
     result = TaskResult(task=problem.stem, number=problem.number, project=str(project))
     try:
-        config = load_config(project, None, list(overrides))
         engine = await Engine.create(project, config)
     except LooptreeError as exc:
         result.error, result.reason = True, str(exc)
