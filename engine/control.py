@@ -87,14 +87,18 @@ class ControlTail:
         end = data.rfind(b"\n")
         if end < 0:
             return []
+        base = self.offset
         self.offset += end + 1
         out = []
-        for raw in data[: end + 1].split(b"\n"):
+        position = base
+        for raw in data[: end + 1].split(b"\n")[:-1]:
+            position += len(raw) + 1
             if raw.strip():
                 try:
                     record = json.loads(raw)
                 except json.JSONDecodeError:
                     continue
                 if isinstance(record, dict) and record.get("cmd") in COMMANDS:
+                    record["_offset"] = position  # where a resume continues once this one is handled
                     out.append(record)
         return out

@@ -126,6 +126,7 @@ class Engine:
         run_dir = run_dir or allocate_run_dir(project_dir)
         lock = RunLock(run_dir)
         lock.acquire()
+        log: EventLog | None = None
         try:
             (run_dir / "config.toml").write_text(tomli_w.dumps(_toml_safe(config.to_dict())))
             base = await gitops.snapshot_working_tree(repo, "looptree: baseline snapshot of the working tree")
@@ -137,7 +138,10 @@ class Engine:
                         base_commit=base, pid=os.getpid(), host=socket.gethostname())
             return engine
         except BaseException:
+            if log is not None:
+                log.close()
             lock.release()
+            _discard_empty_run(run_dir)
             raise
 
     @classmethod
@@ -414,7 +418,11 @@ class Engine:
             started = time.monotonic()
             try:
                 response = await self.caller.call(role, node.id, messages, digest)
-            except BudgetExhausted:
+            except BudgetExhausted as exc:
+                self.emit("agent_failed", id=node.id, role=role, reason=f"budget spent: {exc}")
+                raise
+            except asyncio.CancelledError:
+                self.emit("agent_failed", id=node.id, role=role, reason="cancelled")
                 raise
             except LooptreeError as exc:
                 self.emit("agent_failed", id=node.id, role=role, reason=str(exc))
@@ -602,7 +610,7 @@ class Engine:
 
     def handle_command(self, command: dict[str, Any]) -> None:
         cmd, node_id = command.get("cmd"), command.get("id")
-        offset = self.control.offset
+        offset = command.get("_offset", self.control.offset)
         if node_id is not None and node_id not in self.state.nodes:
             raise LooptreeError(f"no node {node_id} in run {self.state.run}")
         if cmd == "pause" and not self.state.paused:
@@ -723,6 +731,16 @@ def analysis_text(state: RunState, node_id: str) -> str:
             parts.append(f"n={int(spread.get('n', 0))}, min {spread.get('min', 0):.6g}, max {spread.get('max', 0):.6g}")
         lines.append("- " + "; ".join(parts))
     return "\n".join(lines) + "\n"
+
+
+def _discard_empty_run(run_dir: Path) -> None:
+    """A start refused before its first event leaves no run behind (`tree .` must not pick it)."""
+    events = run_dir / "events.jsonl"
+    if events.exists() and events.stat().st_size > 0:
+        return
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def allocate_run_dir(project_dir: Path) -> Path:

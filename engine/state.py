@@ -167,6 +167,8 @@ class RunState:
         node = self.nodes.get(e.get("id") or "")
         if node is not None:
             node.stage = None
+            if node.status == "generating":
+                node.status = "pending"  # no reply: a resume asks again (node_failed follows if it gave up)
 
     def _on_tokens_spent(self, e: dict[str, Any]) -> None:
         self.prompt_tokens += int(e.get("prompt_tokens", 0))

@@ -143,7 +143,8 @@ def test_poll_waits_for_a_partial_line(tmp_path: Path) -> None:
 def test_poll_skips_garbage_and_unknown_commands(tmp_path: Path) -> None:
     path = tmp_path / CONTROL_NAME
     path.write_text('not json\n[1, 2]\n{"cmd": "explode"}\n{"no": "cmd"}\n{"ts": 1, "cmd": "resume"}\n')
-    assert ControlTail(path).poll() == [{"ts": 1, "cmd": "resume"}]
+    records = ControlTail(path).poll()
+    assert records == [{"ts": 1, "cmd": "resume", "_offset": path.stat().st_size}]
 
 
 def test_tail_can_start_from_a_saved_offset(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def resolve_endpoint(
     key_env = (api_key_env or "").strip() or info.key_env
     key = (env.get(key_env, "") if key_env else "").strip()
     if not key:
-        if not info.key_required:
+        if not info.key_required and not (api_key_env or "").strip():
             return Endpoint(base_url=url, api_key=LOCAL_DUMMY_KEY, key_env=key_env, provider=name)
         if key_env == info.key_env:
             hint = "(or set agent.api_key_env)"
