@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from app.dashboard import LooptreeApp
-    from app.launch import run_dashboard
+    from app.main import run_dashboard
 
 __all__ = ["LooptreeApp", "run_dashboard"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "run_dashboard":
-        from app.launch import run_dashboard
+        from app.main import run_dashboard
 
         return run_dashboard
     if name == "LooptreeApp":

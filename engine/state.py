@@ -330,16 +330,15 @@ class RunState:
         Each node ranks by the metrics it is credited with (see `credited`); among equals the
         node that earned them comes first, so the parent beats a child that was no better.
         """
-        specs = self.specs or []
         nodes = [n for n in self.successful() if include_pruned or not n.pruned]
-        if not specs:
+        if not self.specs:
             return nodes
+        return sorted(nodes, key=self.rank_key, reverse=True)
 
-        def key(n: NodeState) -> tuple[Any, ...]:
-            source = self.credited(n)
-            return (*priority_key(source.metrics, specs), 1 if source is n else 0, -n.depth)
-
-        return sorted(nodes, key=key, reverse=True)
+    def rank_key(self, node: NodeState) -> tuple[Any, ...]:
+        """Larger is better: the credited metrics in priority order, then who earned them."""
+        source = self.credited(node)
+        return (*priority_key(source.metrics, self.specs or []), 1 if source is node else 0, -node.depth)
 
     def best(self) -> NodeState | None:
         ranked = self.ranked()
