@@ -233,8 +233,9 @@ def test_override_float(tmp_path: Path) -> None:
     assert (config.agent.temperature, config.budget.max_cost_usd) == (0.25, 1.5)
 
 
-def test_override_bool(tmp_path: Path) -> None:
-    assert load_with(tmp_path, "bench.uses_gpu=true").bench.uses_gpu is True
+def test_override_int_into_float_and_literal(tmp_path: Path) -> None:
+    assert load_with(tmp_path, "check.timeout=5").check.timeout == 5
+    assert load_with(tmp_path, "bench.compare=off").bench.compare == "off"
 
 
 def test_override_bare_string(tmp_path: Path) -> None:
