@@ -15,6 +15,7 @@ with a noise floor measured from the parent against itself. Close calls get more
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,14 @@ def _failure_reason(stage: str, command: str, result: ProcResult, timeout: float
         return f"{stage} timed out after {timeout:g} s (`{command}`; the whole process tree was killed)"
     last = next((l.strip() for l in reversed(result.tail.splitlines()) if l.strip()), "")
     why = f": {last[:300]}" if last else ""
-    if result.rc is not None and result.rc < 0:
-        return f"{stage} crashed with signal {-result.rc} (`{command}`){why}"
+    signum = -result.rc if result.rc is not None and result.rc < 0 else (
+        result.rc - 128 if result.rc is not None and 128 < result.rc < 160 else None)  # the shell's 128+N
+    if signum is not None:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = "unknown"
+        return f"{stage} crashed with signal {signum} ({name}) (`{command}`){why}"
     return f"{stage} failed with exit status {result.rc} (`{command}`){why}"
 
 
