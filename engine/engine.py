@@ -31,7 +31,7 @@ from engine.events import EventLog, RunLock, read_events
 from engine.llm.budget import TokenBudget
 from engine.llm.types import LLMBackend
 from engine.metrics import MetricSpec, parse_header
-from engine.procs import kill_jobs_with_prefix
+from engine.procs import Limits, kill_jobs_with_prefix
 from engine.prompts import PromptBuilder, format_results, load_templates, parse_ideas, prompt_hash
 from engine.runs import node_dir, runs_root, worktrees_root
 from engine.state import NodeState, RunState
@@ -82,7 +82,9 @@ class Engine:
         if mark_used is not None:  # a resumed replay must not hand out replies already consumed
             mark_used(state.consumed_replies)
         self.caller = AgentCaller(self.backend, self.budget, config, self.emit)
-        self.evaluator = Evaluator(config)
+        self.evaluator = Evaluator(config, Limits(cpu_seconds=config.bench.cpu_limit_s or None,
+                                                  address_space_mb=config.bench.memory_limit_mb or None,
+                                                  open_files=config.bench.open_files))
         self.telemetry = telemetry if telemetry is not None else choose_backend(config.gpu.telemetry)
         self.gpu_devices = [] if config.bench.device == "cpu" else parse_devices(config.gpu.devices, self.telemetry)
         if config.bench.device == "gpu" and not self.gpu_devices:
