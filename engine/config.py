@@ -48,6 +48,7 @@ class BenchSection(_Section):
     compare: Literal["interleaved", "off"] = "interleaved"
     max_repeats: int = Field(default=10, ge=1, le=1000)
     alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    min_effect: float = Field(default=0.0, ge=0, lt=1)  # a margin the ratio's CI must also clear
     # Resource limits for every project command (0 = none). Address-space limits break CUDA,
     # whose drivers reserve huge virtual ranges: use them for CPU projects.
     memory_limit_mb: int = Field(default=0, ge=0)
