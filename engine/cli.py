@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tui", action="store_true")
     p.add_argument("--color", default=None)
 
-    p = sub.add_parser("ctl", help="pause | resume | stop | prune ID | pin ID | unpin ID | fork ID [--hint TEXT] | budget [+|-]TOKENS")
+    p = sub.add_parser("ctl", help="pause | resume | stop | prune ID | pin ID | unpin ID | fork ID [--hint TEXT] | budget [+|-]TOKENS | kill ID")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("cmd", metavar="COMMAND")
     p.add_argument("arg", nargs="?", metavar="ID|TOKENS")
