@@ -60,13 +60,32 @@ async def test_reserve_settle_release_arithmetic():
 
 async def test_reservation_that_does_not_fit_is_refused_with_a_clear_line():
     budget = TokenBudget(1000)
-    held = await budget.reserve(700)
+    budget.settle(await budget.reserve(700), 700)
     with pytest.raises(BudgetExhausted) as info:
         await budget.reserve(301)
     message = str(info.value)
     assert "301 tokens" in message and "300 of 1,000 left" in message and "\n" not in message
-    budget.settle(held, 650)
-    assert (await budget.reserve(350)).tokens == 350
+    assert (await budget.reserve(300)).tokens == 300
+
+
+async def test_reservation_blocked_only_by_calls_in_flight_waits_for_them():
+    """Budget that is held, not spent, is not gone: the next call waits instead of ending the run."""
+    budget = TokenBudget(1000)
+    held = await budget.reserve(700)
+    waiting = asyncio.create_task(budget.reserve(350))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    budget.settle(held, 650)  # the call used less than it reserved: 350 now fit
+    assert (await asyncio.wait_for(waiting, 2)).tokens == 350
+    held2 = await budget.reserve(0)
+    budget.release(held2)
+    blocked = asyncio.create_task(budget.reserve(100))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    budget.set_cap(700)  # lowering the cap below spent + the request turns the wait into a refusal
+    budget.release(waiting.result())
+    with pytest.raises(BudgetExhausted):
+        await asyncio.wait_for(blocked, 2)
 
 
 async def test_set_cap_below_spent_stops_the_next_call():
@@ -82,12 +101,16 @@ async def test_set_cap_below_spent_stops_the_next_call():
 
 async def test_cost_cap():
     budget = TokenBudget(10**9, max_cost_usd=0.01)
-    r = await budget.reserve(10, 0.008)
+    budget.settle(await budget.reserve(10, 0.008), 10, 0.008)
     with pytest.raises(BudgetExhausted, match="cost budget exhausted"):
         await budget.reserve(10, 0.003)
-    budget.settle(r, 10, 0.004)
-    await budget.reserve(10, 0.005)
-    assert budget.spent_cost_usd == pytest.approx(0.004)
+    r = await budget.reserve(10, 0.002)
+    waiting = asyncio.create_task(budget.reserve(10, 0.001))  # held by the call in flight: waits
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    budget.settle(r, 10, 0.001)
+    await asyncio.wait_for(waiting, 2)
+    assert budget.spent_cost_usd == pytest.approx(0.009)
 
 
 async def test_overreport_is_counted_and_logged(caplog):

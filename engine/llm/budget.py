@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import asyncio
 import threading
 from dataclasses import dataclass
 
@@ -46,6 +47,11 @@ def estimate_request_tokens(request: LLMRequest) -> int:
     return estimate_prompt_tokens(request.messages) + max(0, int(request.max_tokens))
 
 
+def _resolve(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class TokenBudget:
     """A token cap (and a USD cap when `max_cost_usd` > 0) shared by every call of a run.
 
@@ -67,6 +73,7 @@ class TokenBudget:
         self._reserved_cost = 0.0
         self._prompt_tokens = 0
         self._completion_tokens = 0
+        self._waiters: list[asyncio.Future[None]] = []
 
     # -- figures ------------------------------------------------------------------------------
     @property
@@ -109,28 +116,51 @@ class TokenBudget:
 
     # -- operations ---------------------------------------------------------------------------
     async def reserve(self, estimate_tokens: int, estimate_cost: float = 0.0) -> Reservation:
-        """Hold `estimate_tokens` (and `estimate_cost` USD) or raise BudgetExhausted."""
+        """Hold `estimate_tokens` (and `estimate_cost` USD), or raise BudgetExhausted.
+
+        A call that would fit in what is not yet *spent* but is blocked only by reservations of
+        calls in flight waits for them to settle (they usually use far less than reserved),
+        rather than ending the run while budget is left.
+        """
         tokens = max(0, int(estimate_tokens))
         usd = max(0.0, float(estimate_cost))
-        with self._lock:
-            free = self._cap - self._spent - self._reserved
-            if tokens > free:
-                raise BudgetExhausted(
-                    f"token budget exhausted: the next call needs up to {tokens:,} tokens, "
-                    f"{max(0, free):,} of {self._cap:,} left ({self._spent:,} spent, "
-                    f"{self._reserved:,} held by calls in flight)"
-                )
-            if self._cost_cap > 0:
+        while True:
+            with self._lock:
+                free = self._cap - self._spent - self._reserved
                 free_usd = self._cost_cap - self._spent_cost - self._reserved_cost
-                if usd > free_usd:
+                if tokens > self._cap - self._spent or tokens > free and not self._reserved:
+                    raise BudgetExhausted(
+                        f"token budget exhausted: the next call needs up to {tokens:,} tokens, "
+                        f"{max(0, free):,} of {self._cap:,} left ({self._spent:,} spent, "
+                        f"{self._reserved:,} held by calls in flight)"
+                    )
+                if self._cost_cap > 0 and (usd > self._cost_cap - self._spent_cost + 1e-12
+                                           or usd > free_usd + 1e-12 and not self._reserved_cost):
                     raise BudgetExhausted(
                         f"cost budget exhausted: the next call may cost up to ${usd:.4f}, "
                         f"${max(0.0, free_usd):.4f} of ${self._cost_cap:.2f} left "
                         f"(${self._spent_cost:.4f} spent)"
                     )
-            self._reserved += tokens
-            self._reserved_cost += usd
-            return Reservation(next(_ids), tokens, usd)
+                fits = tokens <= free and (self._cost_cap <= 0 or usd <= free_usd + 1e-12)
+                if fits:
+                    self._reserved += tokens
+                    self._reserved_cost += usd
+                    return Reservation(next(_ids), tokens, usd)
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
+            try:
+                await waiter  # woken when a reservation settles or is released, or the cap changes
+            finally:
+                with self._lock:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        """Called with the lock held: let every waiting reservation look again."""
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+        self._waiters.clear()
 
     def settle(
         self,
@@ -168,6 +198,7 @@ class TokenBudget:
         """Change the token cap (`looptree ctl budget`). Below `spent` means no further call."""
         with self._lock:
             self._cap = max(0, int(max_tokens))
+            self._wake()
 
     def restore(self, tokens: int, cost_usd: float = 0.0, *, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         """A resumed run starts from what its event log says was already spent."""
@@ -186,6 +217,7 @@ class TokenBudget:
         if reservation.done:
             raise RuntimeError(f"reservation {reservation.id} was already settled or released")
         reservation.done = True
+        self._wake()
         self._reserved -= reservation.tokens
         self._reserved_cost -= reservation.cost_usd
         if self._reserved_cost < 1e-12:
