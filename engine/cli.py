@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "ctl" and args.arg is None and len(extra) == 1 \
+            and extra[0].startswith("-") and extra[0][1:2].isdigit():
+        args.arg, extra = extra[0], []  # `ctl RUN budget -1e5`: argparse takes it for an option
     if extra:
         # KEY=VALUE may follow options (`run DIR --no-tui a.b=1`), which argparse alone refuses.
         if getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
@@ -229,7 +233,12 @@ def _spawn_and_attach(argv: list[str], run_dir: Path, color: str | None) -> int:
     events = run_dir / "events.jsonl"
     while time.monotonic() < deadline:
         if proc.poll() is not None and proc.returncode != 0:
-            tail = log_path.read_text(errors="replace").strip().splitlines()
+            try:
+                tail = log_path.read_text(errors="replace").strip().splitlines()
+            except OSError:
+                tail = []
+            if not (events.exists() and events.stat().st_size > 0) and argv[0] == "run":
+                shutil.rmtree(run_dir, ignore_errors=True)  # a start refused before its first event
             raise LooptreeError(tail[-1].removeprefix("looptree: error: ") if tail else f"engine exited with {proc.returncode}")
         if events.exists() and events.stat().st_size > 0:
             break

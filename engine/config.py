@@ -105,7 +105,7 @@ class PromptsSection(_Section):
 
 
 class BudgetSection(_Section):
-    max_tokens: int = Field(default=2_000_000, ge=0)
+    max_tokens: int = Field(default=2_000_000, ge=1)
     max_cost_usd: float = Field(default=0, ge=0)
     requests_per_minute: int = Field(default=60, ge=0)
     tokens_per_minute: int = Field(default=0, ge=0)

@@ -25,7 +25,7 @@ from engine.agents import AgentCaller, make_backend
 from engine.config import Config, check_patterns, validate_config
 from engine.control import ControlTail, parse_budget
 from engine.edits import apply_edits, parse_change_reply
-from engine.errors import BudgetExhausted, EditError, LooptreeError
+from engine.errors import BudgetExhausted, EditError, GitError, LooptreeError
 from engine.evaluator import EvalOutcome, Evaluator
 from engine.events import EventLog, RunLock, read_events
 from engine.llm.budget import TokenBudget
@@ -104,6 +104,9 @@ class Engine:
         self._main_task: asyncio.Task[Any] | None = None
         self._git_lock = asyncio.Lock()
         self.listeners: list[Any] = []
+        self._cleaned = False
+        if state.paused:
+            self.unpaused.clear()  # a run paused before a crash or stop stays paused on resume
 
     # -- events ----------------------------------------------------------------------------
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
@@ -125,7 +128,12 @@ class Engine:
 
             resolve_endpoint(config.agent.provider, config.agent.base_url, config.agent.api_key_env)
         repo = await gitops.open_repo(project_dir)
-        run_dir = run_dir or allocate_run_dir(project_dir)
+        if run_dir is None:
+            run_dir = allocate_run_dir(project_dir)
+            while await gitops.ref_exists(repo, f"refs/heads/looptree/{run_dir.name}"):
+                # .looptree was deleted but the branches remain: never overwrite the user's refs.
+                run_dir.rmdir()
+                run_dir = allocate_run_dir(project_dir, start=int(run_dir.name) + 1)
         lock = RunLock(run_dir)
         lock.acquire()
         log: EventLog | None = None
@@ -160,7 +168,9 @@ class Engine:
             if state.run is None:
                 raise LooptreeError(f"{run_dir}/events.jsonl has no run_started event")
             config = validate_config(state.config, source=f"{run_dir}/config.toml")
-            project_dir = Path(state.project or run_dir.parents[2])
+            # The run lives in <project>/.looptree/runs/<N>: trust that over the recorded path,
+            # which is wrong once the project was moved or is mounted elsewhere.
+            project_dir = run_dir.parents[2]
             repo = await gitops.open_repo(project_dir, create=False)
             killed = await asyncio.to_thread(kill_jobs_with_prefix, job_prefix(run_dir))
             removed = await gitops.prune_worktrees(repo, worktrees_root(run_dir))
@@ -187,32 +197,42 @@ class Engine:
             reason = await self._main_task
         except asyncio.CancelledError:
             reason = self.stop_reason or "stopped by user"
-            if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                await asyncio.shield(self._cleanup(control, telemetry, telemetry_stop))
                 self._finish(reason)
                 raise
         except LooptreeError as exc:
             reason = f"error: {exc}"
         except Exception as exc:
+            await self._cleanup(control, telemetry, telemetry_stop)
             self._finish(f"error: internal: {exc!r}")
             raise
-        finally:
-            control.cancel()
-            telemetry_stop.set()
-            telemetry.cancel()
-            await asyncio.gather(telemetry, return_exceptions=True)
-            try:
-                self.telemetry.close()
-            except Exception:
-                pass
-            try:
-                await asyncio.wait_for(self.caller.aclose(), 10)
-            except (Exception, asyncio.TimeoutError):
-                pass
-            for task in list(self.fork_tasks):
-                task.cancel()
-            await asyncio.gather(control, *self.fork_tasks, return_exceptions=True)
+        await self._cleanup(control, telemetry, telemetry_stop)
         self._finish(reason)
         return reason
+
+    async def _cleanup(self, control: asyncio.Task[Any], telemetry: asyncio.Task[Any],
+                       telemetry_stop: asyncio.Event) -> None:
+        """Stop the helpers (control, telemetry, forks, the LLM client) before the log closes."""
+        if self._cleaned:
+            return
+        self._cleaned = True
+        self.stop_reason = self.stop_reason or "finishing"
+        control.cancel()
+        telemetry_stop.set()
+        telemetry.cancel()
+        for task in list(self.fork_tasks):
+            task.cancel()
+        await asyncio.gather(control, telemetry, *self.fork_tasks, return_exceptions=True)
+        try:
+            self.telemetry.close()
+        except Exception:
+            pass
+        try:
+            await asyncio.wait_for(self.caller.aclose(), 10)
+        except (Exception, asyncio.TimeoutError):
+            pass
 
     def _finish(self, reason: str) -> None:
         if self.log._fd < 0:
@@ -232,14 +252,17 @@ class Engine:
             ideas = self.state.ideas
             if ideas is None:
                 ideas = await self._brainstorm()
-            best_before = search.best_key(self.state)
+            self._resume_forks()
             for phase in range(cfg.num_phases):
                 if phase in self.state.phases_finished:
-                    best_before = search.best_key(self.state)
                     continue
                 await self._run_phase(phase, ideas)
-                best_now = search.best_key(self.state)
-                improved = best_now is not None and (best_before is None or best_now > best_before)
+                before_id = self.state.phase_best_before.get(phase)
+                before = self.state.nodes.get(before_id or "")
+                best_before = self.state.rank_key(before) if before is not None and self.state.specs else None
+                best_now = self.state.rank_key(self.state.best()) if self.state.best() and self.state.specs else None
+                improved = best_now is not None and (best_before is None or best_now[:len(self.state.specs or [])]
+                                                     > best_before[:len(self.state.specs or [])])
                 best = self.state.best()
                 self.emit("phase_finished", phase=phase, best=best.id if best else None, improved=improved)
                 best_before = best_now
@@ -314,7 +337,8 @@ class Engine:
                 parents = [str(self.state.run)] * cfg.num_samples
             else:
                 parents = search.choose_parents(self.state, cfg.num_samples, cfg.expand_top)
-            self.emit("phase_started", phase=phase, parents=parents)
+            best = self.state.best()
+            self.emit("phase_started", phase=phase, parents=parents, best_before=best.id if best else None)
         parents = self.state.phases_started[phase]
         existing = search.phase_nodes(self.state, phase)
         for index in range(len(existing), len(parents)):
@@ -340,6 +364,9 @@ class Engine:
         """A node, then its fix attempts while it fails and attempts remain."""
         current: str | None = node_id
         while current is not None:
+            if self.state.nodes[current].pruned and not self.state.nodes[current].terminal:
+                self.emit("node_failed", id=current, stage="pruned", reason="pruned by user before it ran")
+                return
             await self._run_node(current)
             node = self.state.nodes[current]
             if self.stop_reason or current in self.killed:
@@ -367,8 +394,8 @@ class Engine:
         except asyncio.CancelledError:
             if task.done() and node_id in self.killed and not self.stop_reason:
                 if not self.state.nodes[node_id].terminal:
-                    self.emit("node_failed", id=node_id, stage=self.state.nodes[node_id].stage or "agent",
-                              reason="killed by user")
+                    during = self.state.nodes[node_id].stage or "agent"
+                    self.emit("node_failed", id=node_id, stage="killed", reason=f"killed by user during {during}")
                 return
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -409,7 +436,7 @@ class Engine:
 
     async def _ask_agent(self, node: NodeState, project: Path, ndir: Path) -> None:
         role = "fix" if node.kind == "fix" else "optimize"
-        user = self._user_prompt(node, project)
+        user = await asyncio.to_thread(self._user_prompt, node, project)
         messages = self.prompts.messages(user)
         digest = prompt_hash(messages)
         (ndir / "prompt.md").write_text(f"## system\n\n{messages[0]['content']}\n\n## user\n\n{user}\n")
@@ -475,16 +502,22 @@ class Engine:
     async def _apply_reply(self, node: NodeState, wt: Path, project: Path, ndir: Path) -> bool:
         try:
             parsed = parse_change_reply(node.reply_text or "")
-            result = await asyncio.to_thread(apply_edits, project, parsed.edits, self.policy)
+            # Shielded: a thread cannot be cancelled, so let it finish before the worktree goes away.
+            result = await asyncio.shield(asyncio.to_thread(apply_edits, project, parsed.edits, self.policy))
         except EditError as exc:
             self.emit("edits_rejected", id=node.id, reason=str(exc))
             self.emit("node_failed", id=node.id, stage="edit", reason=str(exc))
             return False
         files = sorted(set(result.changed_files) | set(result.created_files))
         message = f"looptree {node.id}: {(node.description or node.kind)[:72]}\n\nnode: {node.id}\nparent: {node.parent}\nkind: {node.kind}\n"
-        commit = await gitops.commit_worktree(wt, [self.repo.prefix + f for f in files], message)
-        async with self._git_lock:
-            branch = await gitops.set_branch(self.repo, node.id, commit)
+        try:
+            commit = await gitops.commit_worktree(wt, [self.repo.prefix + f for f in files], message)
+            async with self._git_lock:
+                branch = await gitops.set_branch(self.repo, node.id, commit)
+        except GitError as exc:
+            self.emit("edits_rejected", id=node.id, reason=f"could not commit the change: {exc}")
+            self.emit("node_failed", id=node.id, stage="edit", reason=f"could not commit the change: {exc}")
+            return False
         try:
             parent_commit = self._base_commit_for(node)
             (ndir / "diff.patch").write_text(await gitops.diff(self.repo, parent_commit, commit))
@@ -552,7 +585,7 @@ class Engine:
         with open(path, "a") as fh:
             if new:
                 fh.write(_csv_line(["iteration", "node", *[s.column for s in specs]]))
-            fh.write(_csv_line([str(node.iteration), node.id, *[repr(node.metrics.get(s.column, "")) for s in specs]]))
+            fh.write(_csv_line([str(node.iteration), node.id, *[repr(node.metrics[s.column]) if s.column in node.metrics else "" for s in specs]]))
 
     def rewrite_metrics_csv(self) -> None:
         """After a crash the CSV may miss its last row: rebuild it from the log, which is the truth."""
@@ -606,8 +639,11 @@ class Engine:
                     self.handle_command(command)
                 except LooptreeError as exc:
                     self.emit("message", text=f"refused {command.get('cmd')}: {exc}")
-            for fork in list(self.state.pending_forks):
-                self._start_fork(fork)
+                except Exception as exc:  # a bad command must never take the control channel down
+                    self.emit("message", text=f"refused {command.get('cmd')}: internal error {exc!r}")
+            if not self.stop_reason:
+                for fork in list(self.state.pending_forks):
+                    self._start_fork(fork)
             await asyncio.sleep(CONTROL_POLL_S)
 
     def handle_command(self, command: dict[str, Any]) -> None:
@@ -622,6 +658,8 @@ class Engine:
             self.emit("run_unpaused", control_offset=offset)
             self.unpaused.set()
         elif cmd == "stop":
+            if self.stop_reason:
+                return  # already stopping: a second stop must not interrupt the clean-up
             self.stop_reason = "stopped by user"
             self.emit("stop_requested", reason="stopped by user", control_offset=offset)
             self.unpaused.set()
@@ -642,6 +680,8 @@ class Engine:
             node = self.state.nodes[node_id]
             if not node.ok:
                 raise LooptreeError(f"node {node_id} has no successful evaluation to fork from")
+            if node.pruned:
+                raise LooptreeError(f"node {node_id} is pruned; unprune is not supported, fork another node")
             self.emit("fork_requested", id=node_id, hint=command.get("hint", ""), control_offset=offset)
         elif cmd == "budget":
             sign, tokens = parse_budget(str(command.get("tokens", "")))
@@ -662,9 +702,22 @@ class Engine:
         node_id = self.state.next_child_id(parent)
         phase = self.state.nodes[parent].phase + 1
         self.emit("node_created", id=node_id, parent=parent, phase=phase, kind="fork", hint=fork.get("hint", ""))
+        self._spawn_fork_chain(node_id)
+
+    def _spawn_fork_chain(self, node_id: str) -> None:
         task = asyncio.create_task(self._run_chain(node_id), name=f"fork {node_id}")
         self.fork_tasks.add(task)
         task.add_done_callback(self.fork_tasks.discard)
+
+    def _resume_forks(self) -> None:
+        """Forks in flight when the engine died are carried on, with their fix chains."""
+        for node_id in self.state.order:
+            node = self.state.nodes[node_id]
+            if node.kind == "fork" and (not node.terminal or search.may_fix(
+                    self.state, node, self.config.search.max_fix_attempts) or any(
+                    not self.state.nodes[c].terminal for c in self.state.subtree(node_id)
+                    if self.state.nodes[c].kind == "fix")):
+                self._spawn_fork_chain(node_id)
 
 
 def _last_control_offset(state: RunState, run_dir: Path) -> int:
@@ -689,7 +742,9 @@ def _read_tail(ndir: Path, stage: str | None, limit: int = 6000) -> str:
                 path = ndir / candidate
                 break
     try:
-        data = path.read_bytes()[-limit:]
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - limit))
+            data = fh.read(limit)
     except OSError:
         return ""
     return data.decode(errors="replace")
@@ -740,17 +795,22 @@ def _discard_empty_run(run_dir: Path) -> None:
     events = run_dir / "events.jsonl"
     if events.exists() and events.stat().st_size > 0:
         return
+    if (run_dir / "engine.log").exists():
+        # Started by the dashboard launcher: it reads the log for the error, then removes the run.
+        for name in ("events.jsonl", "config.toml", "engine.lock"):
+            (run_dir / name).unlink(missing_ok=True)
+        return
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def allocate_run_dir(project_dir: Path) -> Path:
+def allocate_run_dir(project_dir: Path, start: int = 1) -> Path:
     """Runs are numbered 1, 2, 3…; mkdir is atomic, so two starts at once get different numbers."""
     root = runs_root(project_dir)
     root.mkdir(parents=True, exist_ok=True)
     numbers = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
-    n = max(numbers, default=0) + 1
+    n = max(max(numbers, default=0) + 1, start)
     while True:
         try:
             (root / str(n)).mkdir()

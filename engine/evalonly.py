@@ -23,6 +23,8 @@ _NODE_ID = re.compile(r"^\d+(\.\d+)*$")
 
 async def eval_refs(project: Path, refs: list[str], *, repeats: int | None, config_file: Path | None,
                     json_mode: bool) -> int:
+    if not project.is_dir():  # `looptree eval 1.2.1` run inside the project: DIR left out
+        refs, project = [project.name, *refs], Path.cwd()
     config = load_config(project, config_file, [])
     repo = await gitops.open_repo(project, create=False)
     targets: list[tuple[str, str]] = []
@@ -31,7 +33,18 @@ async def eval_refs(project: Path, refs: list[str], *, repeats: int | None, conf
     for ref in refs:
         name = f"looptree/{ref}" if _NODE_ID.match(ref) else ref
         targets.append((ref, await gitops.resolve_ref(repo, name)))
-    evaluator = Evaluator(config)
+    # The same limits and device pinning as a run, so the numbers are comparable.
+    from engine.procs import Limits
+    from gpu.slots import env_for, parse_devices
+    from gpu.telemetry import choose_backend
+
+    evaluator = Evaluator(config, Limits(cpu_seconds=config.bench.cpu_limit_s or None,
+                                         address_space_mb=config.bench.memory_limit_mb or None,
+                                         open_files=config.bench.open_files))
+    telemetry = choose_backend(config.gpu.telemetry)
+    devices = [] if config.bench.device == "cpu" else parse_devices(config.gpu.devices, telemetry)
+    telemetry.close()
+    device_env = env_for(devices[0] if devices else None)
     results: list[dict[str, Any]] = []
     specs: list[MetricSpec] | None = None
     scratch = project / ".looptree" / "eval"
@@ -47,7 +60,8 @@ async def eval_refs(project: Path, refs: list[str], *, repeats: int | None, conf
                         print(f"{label}: {fields.get('stage')} {status}", file=sys.stderr)
                 outcome = await evaluator.evaluate(node_id=f"eval{index}", project_dir=repo.project_in(wt),
                                                    node_dir=Path(tmp) / f"logs{index}", run_dir=Path(tmp),
-                                                   job_tag=f"lt-eval-{index}", emit=emit, repeats=repeats)
+                                                   job_tag=f"lt-eval-{index}", emit=emit, repeats=repeats,
+                                                   device_env=device_env, device=devices[0] if devices else None)
             finally:
                 await gitops.remove_worktree(repo, wt)
             specs = specs or outcome.specs

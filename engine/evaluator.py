@@ -27,6 +27,8 @@ from engine.metrics import Aggregate, CsvTail, MetricSpec, aggregate
 from engine.procs import Limits, ProcResult, run_command
 
 Emit = Callable[..., Any]
+KEY_VARIABLES = ("OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "OPENROUTER_API_KEY", "CBORG_API_KEY",
+                 "DEEPSEEK_API_KEY", "LOCAL_API_KEY", "ANTHROPIC_API_KEY", "LOOPTREE_TEST_API_KEY")
 
 
 @dataclass
@@ -84,7 +86,10 @@ class Evaluator:
     limits: Limits = field(default_factory=Limits)
 
     def _env(self, node_id: str, run_dir: Path, metrics_path: Path, extra: dict[str, str]) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPTREE_JOB", "GIT_"))}
+        # Agent-written code runs here: it must not see the LLM API keys the run pays with.
+        secret = {self.config.agent.api_key_env, *KEY_VARIABLES} - {""}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("LOOPTREE_JOB", "GIT_")) and k not in secret}
         env.update({
             "LOOPTREE_NODE": node_id,
             "LOOPTREE_RUN_DIR": str(run_dir),

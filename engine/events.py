@@ -25,8 +25,33 @@ EVENTS_NAME = "events.jsonl"
 LOCK_NAME = "engine.lock"
 
 
+def _last_line_start(fh: Any, size: int) -> int:
+    """Offset where the last line begins (ignoring trailing newlines), reading backwards in chunks."""
+    end = size
+    fh.seek(max(0, end - 1))
+    while end > 0:
+        fh.seek(end - 1)
+        if fh.read(1) != b"\n":
+            break
+        end -= 1
+    pos, chunk = end, 1 << 16
+    while pos > 0:
+        start = max(0, pos - chunk)
+        fh.seek(start)
+        data = fh.read(pos - start)
+        idx = data.rfind(b"\n")
+        if idx >= 0:
+            return start + idx + 1
+        pos = start
+    return 0
+
+
 def _truncate_torn_tail(path: Path) -> None:
-    """A crash mid-write can leave a last line without its newline: cut it so appends stay valid."""
+    """A crash mid-write can leave a last line that is not a whole event: cut it so appends stay valid.
+
+    The last line is read whole (it may be far longer than any chunk: a large agent reply), and
+    only a line that does not parse is removed, so a valid event is never cut.
+    """
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -34,33 +59,18 @@ def _truncate_torn_tail(path: Path) -> None:
     if size == 0:
         return
     with open(path, "rb+") as fh:
-        fh.seek(max(0, size - 1))
-        if fh.read(1) == b"\n":
-            # A last line that ends with a newline but is not JSON is torn too: cut it.
-            start = max(0, size - 65536)
-            fh.seek(start)
-            tail = fh.read().rstrip(b"\n")
-            idx = tail.rfind(b"\n")
-            last = tail[idx + 1:]
-            try:
-                json.loads(last)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if last.strip():
-                    fh.truncate(start + idx + 1)
-            return
-        # Walk back to the last newline; files are small enough that a bounded scan is fine.
-        chunk = 1 << 16
-        pos = size
-        while pos > 0:
-            start = max(0, pos - chunk)
-            fh.seek(start)
-            data = fh.read(pos - start)
-            idx = data.rfind(b"\n")
-            if idx >= 0:
-                fh.truncate(start + idx + 1)
+        start = _last_line_start(fh, size)
+        fh.seek(start)
+        last = fh.read()
+        try:
+            json.loads(last)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if last.strip():
+                fh.truncate(start)
                 return
-            pos = start
-        fh.truncate(0)
+        if not last.endswith(b"\n"):
+            fh.seek(0, os.SEEK_END)
+            fh.write(b"\n")  # a whole event whose newline was lost: keep it
 
 
 class EventLog:

@@ -57,12 +57,14 @@ async def git(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout:
         raise GitError(f"git {args[0]} could not start: {exc}") from None
     try:
         out, err = await asyncio.wait_for(proc.communicate(input_bytes), timeout)
-    except (asyncio.TimeoutError, asyncio.CancelledError):
+    except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
         try:
             proc.kill()
         except ProcessLookupError:
             pass
         await proc.wait()
+        if isinstance(exc, asyncio.TimeoutError):
+            raise GitError(f"git {args[0]} timed out after {timeout:g} s") from None
         raise
     if check and proc.returncode != 0:
         first = next((line for line in err.decode(errors="replace").splitlines() if line.strip()), "")
@@ -156,15 +158,21 @@ async def remove_worktree(repo: Repo, path: Path) -> None:
         if path.exists():
             await asyncio.to_thread(shutil.rmtree, path, True)
             # Only a half-removed worktree leaves git's bookkeeping behind; `remove` cleans its own.
-            await git("worktree", "prune", cwd=repo.root, check=False)
+            await _forget_missing_under(repo, path.parent)
 
 
 async def commit_worktree(worktree: Path, files: list[str], message: str) -> str:
     """Stage exactly the changed files (paths relative to the worktree root) and commit them."""
     if files:
-        await git("add", "-A", "--", *files, cwd=worktree)
+        # -f: a writable file the project's .gitignore happens to cover is still the agent's change.
+        await git("add", "-A", "-f", "--", *files, cwd=worktree)
     await git("commit", "-q", "--allow-empty", "--no-verify", "-m", message, cwd=worktree)
     return (await git("rev-parse", "HEAD", cwd=worktree)).strip()
+
+
+async def ref_exists(repo: Repo, ref: str) -> bool:
+    out = await git("rev-parse", "--verify", "-q", ref, cwd=repo.root, check=False)
+    return bool(out.strip())
 
 
 async def diff(repo: Repo, old: str, new: str, *, stat: bool = False) -> str:
@@ -187,12 +195,35 @@ async def resolve_ref(repo: Repo, ref: str) -> str:
 
 
 async def prune_worktrees(repo: Repo, root: Path) -> int:
-    """After a crash: drop every leftover node worktree under `root`; return how many."""
+    """After a crash: drop every leftover node worktree under `root`; return how many.
+
+    Only looptree's own registrations are forgotten: `git worktree prune` would also drop the
+    user's worktrees that are merely missing for now (an unmounted disk).
+    """
     removed = 0
     if root.exists():
         for path in sorted(root.iterdir()):
             if path.is_dir():
                 await remove_worktree(repo, path)
                 removed += 1
-    await git("worktree", "prune", cwd=repo.root, check=False)
+    removed += await _forget_missing_under(repo, root)
     return removed
+
+
+async def _forget_missing_under(repo: Repo, root: Path) -> int:
+    """Delete git's bookkeeping for worktrees under `root` whose directory is gone."""
+    common = Path((await git("rev-parse", "--git-common-dir", cwd=repo.root)).strip())
+    admin = (common if common.is_absolute() else repo.root / common) / "worktrees"
+    forgotten = 0
+    if not admin.is_dir():
+        return 0
+    root = root.resolve()
+    for entry in admin.iterdir():
+        try:
+            checkout = Path((entry / "gitdir").read_text().strip()).parent
+        except OSError:
+            continue
+        if not checkout.exists() and (checkout == root or root in checkout.parents):
+            await asyncio.to_thread(shutil.rmtree, entry, True)
+            forgotten += 1
+    return forgotten

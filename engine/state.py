@@ -75,6 +75,7 @@ class RunState:
     ideas: list[str] | None = None
     phases_started: dict[int, list[str]] = field(default_factory=dict)
     phases_finished: dict[int, dict[str, Any]] = field(default_factory=dict)
+    phase_best_before: dict[int, str | None] = field(default_factory=dict)
     specs: list[MetricSpec] | None = None
     tokens_spent: int = 0
     prompt_tokens: int = 0
@@ -126,6 +127,7 @@ class RunState:
 
     def _on_phase_started(self, e: dict[str, Any]) -> None:
         self.phases_started[e["phase"]] = list(e.get("parents", []))
+        self.phase_best_before[e["phase"]] = e.get("best_before")
 
     def _on_phase_finished(self, e: dict[str, Any]) -> None:
         self.phases_finished[e["phase"]] = {"best": e.get("best"), "improved": e.get("improved", False)}
@@ -141,8 +143,12 @@ class RunState:
         self.order.append(node.id)
         if node.parent in self.nodes:
             self.nodes[node.parent].children.append(node.id)
+            node.pruned = self.nodes[node.parent].pruned  # nothing grows below a pruned node
         if node.kind == "fork":
-            self.pending_forks = [f for f in self.pending_forks if f.get("id") != node.parent]
+            for index, fork in enumerate(self.pending_forks):
+                if fork.get("id") == node.parent:
+                    del self.pending_forks[index]
+                    break
 
     def _on_agent_started(self, e: dict[str, Any]) -> None:
         node = self.nodes.get(e.get("id") or "")
@@ -194,7 +200,8 @@ class RunState:
         node.stage = e.get("stage")
         if e.get("device") is not None:
             node.device = e.get("device")
-        if e.get("stage") == "build" or (e.get("stage") == "bench" and e.get("repeat", 0) == 0 and not node.rows):
+        if e.get("stage") == "build" or (e.get("stage") == "bench" and e.get("repeat", 0) == 0
+                                         and e.get("side", "candidate") == "candidate"):
             node.rows = []
 
     def _on_stage_finished(self, e: dict[str, Any]) -> None:

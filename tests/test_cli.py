@@ -331,6 +331,13 @@ def test_ctl_fork_and_budget_records(run_dir: Path) -> None:
     assert (records[1]["cmd"], records[1]["tokens"]) == ("budget", "+500k")
 
 
+def test_ctl_budget_accepts_negative_amounts(run_dir: Path) -> None:
+    """`-1e5` and `-500k` look like options to argparse; the help promises them."""
+    assert cli("ctl", str(run_dir), "budget", "-1e5").returncode == 0
+    assert cli("ctl", str(run_dir), "budget", "-500k").returncode == 0
+    assert [r["tokens"] for r in control_records(run_dir)] == ["-1e5", "-500k"]
+
+
 @pytest.mark.parametrize("args, expected", [
     (["paws"], "unknown command 'paws'; one of: pause, resume, stop, prune, pin, unpin, fork, budget, kill"),
     (["prune"], "`prune` needs a node ID like 3.2.1, got None"),

@@ -208,7 +208,8 @@ async def test_prune_skips_the_node_next_phase_and_kills_its_running_subtree(tmp
     children = [n for n in state.nodes.values() if n.parent == "1.2"]
     assert len(children) == 3
     for node in children:
-        assert (node.status, node.failure_reason, node.pruned) == ("failed", "killed by user", True), node.id
+        assert (node.status, node.failure_stage, node.pruned) == ("failed", "killed", True), node.id
+        assert node.failure_reason.startswith("killed by user during"), node.failure_reason
         assert not node.children, f"{node.id} was fixed although pruned"
     assert state.nodes["1.2"].ok and state.nodes["1.2"].pruned
     assert all(gone(pid) for pid in pids)
@@ -276,7 +277,8 @@ async def test_kill_of_a_running_bench_fails_the_node_at_once_and_kills_the_proc
         elapsed = time.monotonic() - killed_at
         assert await live.finish() == "phases done"
 
-    assert failed["reason"] == "killed by user" and failed["stage"] == "bench"
+    # "killed" is not a fixable stage: a resume must not pay a fix agent for a node the user killed.
+    assert failed["reason"] == "killed by user during bench" and failed["stage"] == "killed"
     assert elapsed < 3, f"kill took {elapsed:.1f} s"
     assert all(gone(pid) for pid in pids), "the bench process outlived the kill"
     assert await job_pids(live.run_dir, "") == []

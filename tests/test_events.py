@@ -261,3 +261,26 @@ def test_event_tail_survives_a_resume_cutting_the_torn_tail(tmp_path: Path) -> N
     log.append("engine_attached", pid=1, orphans_killed=0, worktrees_removed=0, note="z" * 100)
     log.close()
     assert [e["type"] for e in tail.poll()] == ["engine_attached"]
+
+
+def test_reopen_keeps_a_valid_last_event_longer_than_the_scan_chunk(tmp_path: Path) -> None:
+    """A 200 KB agent reply is one event; reopening must not cut it (nor glue the next append to it)."""
+    log = EventLog(tmp_path)
+    log.append("run_started")
+    log.append("agent_finished", text="x" * 200_000)
+    log.close()
+    log = EventLog(tmp_path)
+    log.append("run_paused")
+    log.close()
+    events = read_events(tmp_path / EVENTS_NAME)
+    assert [e["type"] for e in events] == ["run_started", "agent_finished", "run_paused"]
+    assert len(events[1]["text"]) == 200_000
+
+
+def test_reopen_cuts_a_torn_last_event_longer_than_the_scan_chunk(tmp_path: Path) -> None:
+    path = tmp_path / EVENTS_NAME
+    path.write_bytes(b'{"seq":0,"type":"run_started"}\n{"seq":1,"type":"agent_finished","text":"' + b"y" * 150_000)
+    log = EventLog(tmp_path)
+    log.append("run_paused")
+    log.close()
+    assert [e["type"] for e in read_events(path)] == ["run_started", "run_paused"]

@@ -246,3 +246,20 @@ def test_consumed_replies_record_every_paid_reply_in_order(run_events) -> None:
     run_events.emit("agent_finished", id=None, role="ideas", text="", description="", usage={})  # nothing to record
     run_events.emit("agent_finished", id="9.9", role="fix", text="orphan", description="", usage={})
     assert run_events.state().consumed_replies == ['["a"]', "first", "orphan"]
+
+
+def test_children_of_a_pruned_node_are_born_pruned_and_forks_leave_one_request_each() -> None:
+    state = RunState()
+    for event in [
+        {"type": "run_started", "run": 1, "config": {}},
+        {"type": "node_created", "id": "1", "parent": None, "kind": "baseline", "phase": -1},
+        {"type": "node_created", "id": "1.1", "parent": "1", "kind": "idea", "phase": 0},
+        {"type": "node_pruned", "id": "1.1"},
+        {"type": "node_created", "id": "1.1.1", "parent": "1.1", "kind": "improve", "phase": 1},
+        {"type": "fork_requested", "id": "1", "hint": "a"},
+        {"type": "fork_requested", "id": "1", "hint": "b"},
+        {"type": "node_created", "id": "1.2", "parent": "1", "kind": "fork", "phase": 0, "hint": "a"},
+    ]:
+        state.apply(event)
+    assert state.nodes["1.1.1"].pruned
+    assert state.pending_forks == [{"id": "1", "hint": "b"}]
