@@ -102,7 +102,10 @@ def make_project(workdir: Path, name: str) -> Path:
 def make_config(num_phases: int, num_samples: int) -> Any:
     return validate_config({
         "project": {"goal": "Make the score higher.", "writable": ["solver.py"], "readonly": ["README.md"]},
-        "bench": {"command": BENCH_COMMAND, "metrics": "metrics.csv", "repeats": 1, "timeout": 60},
+        # compare="off": the interleaved parent-vs-candidate timing adds bench commands per node
+        # by design (acceptance under noise); this benchmark measures the harness around one.
+        "bench": {"command": BENCH_COMMAND, "metrics": "metrics.csv", "repeats": 1, "timeout": 60,
+                  "compare": "off"},
         "agent": {"provider": "replay", "model": "instant"},
         "search": {"num_phases": num_phases, "num_samples": num_samples, "early_stop_patience": 0},
         "budget": {"max_tokens": 10**15},
@@ -347,8 +350,7 @@ def command_floor(workdir: Path, repeats: int = 50) -> float:
 # The git floor: the same per-node git operations, raw, back to back
 
 
-FLOOR_SEQUENCE = ["worktree add", "add", "commit", "rev-parse", "update-ref", "diff", "worktree remove",
-                  "worktree prune"]
+FLOOR_SEQUENCE = ["worktree add", "add", "commit", "rev-parse", "update-ref", "diff", "worktree remove"]
 """What engine/gitops does for an agent node (add_worktree, commit_worktree, set_branch, diff,
 remove_worktree), read from the code; checked against the recorded calls at run time."""
 
@@ -385,13 +387,12 @@ def git_floor(workdir: Path, parents: dict[str, str], base_id: str,
         wt = wt_root / node
         git(root, "worktree", "add", "--detach", "-f", "-q", str(wt), commits[parent])
         (wt / "solver.py").write_text(SOLVER.format(value=value))  # the agent's edit: not git time
-        git(wt, "add", "-A", "--", "solver.py")
+        git(wt, "add", "-A", "-f", "--", "solver.py")
         git(wt, "commit", "-q", "--allow-empty", "--no-verify", "-m", f"looptree {node}: raise SCORE")
         commits[node] = git(wt, "rev-parse", "HEAD").strip()
         git(root, "update-ref", f"refs/heads/looptree/{node}", commits[node])
         git(root, "diff", "--no-color", "--no-ext-diff", commits[parent], commits[node])
         git(root, "worktree", "remove", "--force", "--force", str(wt))
-        git(root, "worktree", "prune")
         spent.append(elapsed)
     return spent
 
