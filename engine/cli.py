@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -178,39 +177,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 async def _drive(make_engine, *, json_mode: bool) -> int:
     """Run an engine headless; SIGINT/SIGTERM ask for a clean stop, a second one forces it."""
-    from engine.printer import Printer
+    from engine.headless import drive
 
     engine = await make_engine()
-    printer = Printer(engine.state, json_mode=json_mode)
-    for event in _replay_existing(engine):
-        printer(event)
-    engine.listeners.append(printer)
-    loop = asyncio.get_running_loop()
-    signals_seen = 0
-
-    def on_signal() -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
-            engine.handle_command({"cmd": "stop"})
-        else:
-            os._exit(130)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    reason = await engine.run()
+    reason = (await drive(engine, json_mode=json_mode)).reason
     print(f"looptree: run {engine.state.run} finished: {reason}; see `looptree tree {engine.run_dir}`", file=sys.stderr)
-    if reason.startswith("error:"):
-        return 1
-    return 0
-
-
-def _replay_existing(engine) -> list[dict]:
-    """The events written before the printer was attached (run_started, engine_attached)."""
-    from engine.events import read_events
-
-    events = read_events(engine.run_dir / "events.jsonl")
-    return events[-1:] if events else []
+    return 1 if reason.startswith("error:") else 0
 
 
 def _run_with_dashboard(args: argparse.Namespace, project: Path, config) -> int:

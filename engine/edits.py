@@ -387,7 +387,7 @@ class _Parser:
         first_start = start
 
         def flush() -> None:
-            nonlocal hunks, first_start
+            nonlocal hunks
             if not hunks:
                 return
             if path is None:

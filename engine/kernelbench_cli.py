@@ -283,8 +283,6 @@ def _num(value: Any) -> float | None:
 async def agent_task(problem: Problem, project: Path, config: Config) -> tuple[TaskResult, bool]:
     """One headless looptree run on the task's project; returns its result and whether the user stopped it."""
     from engine.engine import Engine
-    from engine.events import read_events
-    from engine.printer import Printer
 
     result = TaskResult(task=problem.stem, number=problem.number, project=str(project))
     try:
@@ -292,28 +290,10 @@ async def agent_task(problem: Problem, project: Path, config: Config) -> tuple[T
     except LooptreeError as exc:
         result.error, result.reason = True, str(exc)
         return result, False
-    printer = Printer(engine.state)
-    for event in read_events(engine.run_dir / "events.jsonl")[-1:]:
-        printer(event)  # run_started, written before the printer was attached
-    engine.listeners.append(printer)
-    loop = asyncio.get_running_loop()
-    signals = 0
+    from engine.headless import drive
 
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            engine.handle_command({"cmd": "stop"})
-        else:
-            os._exit(130)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        reason = await engine.run()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    driven = await drive(engine)
+    reason, signals = driven.reason, int(driven.interrupted)
     result.run_dir = str(engine.run_dir)
     result_from_state(result, engine.state, reason)
     return result, signals > 0

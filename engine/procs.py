@@ -301,18 +301,6 @@ def _finish_log(fd: int, start: int, rc: int | None, duration_s: float, status: 
         os.close(fd)
 
 
-def _after_exit(
-    pgid: int | None, job_tag: str, fd: int, start: int, rc: int | None, duration_s: float,
-    status: str,
-) -> str:
-    """Everything that follows the shell's exit, in one worker-thread hop: kill leftovers, log."""
-    if pgid is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-    _sweep(job_tag, False, signal.SIGKILL)
-    return _finish_log(fd, start, rc, duration_s, status)
-
-
 # --------------------------------------------------------------------------------------------
 # The runner
 
