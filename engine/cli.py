@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from engine.errors import LooptreeError
 
@@ -96,7 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+# The dashboard is plugged in by the console script (`app.cli:main`): the engine never imports
+# the UI, and `python -m engine.cli` is the headless build of the same command.
+Dashboard = Callable[..., int]
+_dashboard: Dashboard | None = None
+
+
+def _run_dashboard(run_dir: Path, **kwargs: object) -> int:
+    if _dashboard is None:
+        raise LooptreeError("this entry point has no dashboard; use `looptree` or pass --no-tui")
+    return _dashboard(run_dir, **kwargs)
+
+
+def main(argv: list[str] | None = None, *, dashboard: Dashboard | None = None) -> int:
+    global _dashboard
+    if dashboard is not None:
+        _dashboard = dashboard
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "command", None) == "ctl" and args.arg is None and len(extra) == 1 \
@@ -215,9 +231,7 @@ def _spawn_and_attach(argv: list[str], run_dir: Path, color: str | None) -> int:
         if events.exists() and events.stat().st_size > 0:
             break
         time.sleep(0.05)
-    from app.main import run_dashboard
-
-    return run_dashboard(run_dir, mode="live", color=color)
+    return _run_dashboard(run_dir, mode="live", color=color)
 
 
 # -- viewers -----------------------------------------------------------------------------------
@@ -225,9 +239,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     from engine.runs import resolve_run_dir
 
     run_dir = resolve_run_dir(args.run_dir)
-    from app.main import run_dashboard
-
-    return run_dashboard(run_dir, mode="live", color=args.color)
+    return _run_dashboard(run_dir, mode="live", color=args.color)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -238,9 +250,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise LooptreeError("--speed must be greater than 0")
     if args.no_tui or not sys.stdout.isatty():
         return _replay_headless(run_dir, args.speed)
-    from app.main import run_dashboard
-
-    return run_dashboard(run_dir, mode="replay", speed=args.speed, color=args.color)
+    return _run_dashboard(run_dir, mode="replay", speed=args.speed, color=args.color)
 
 
 def _replay_headless(run_dir: Path, speed: float) -> int:

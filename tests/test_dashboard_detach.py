@@ -73,7 +73,7 @@ def test_killing_the_dashboard_leaves_the_engine_running(tmp_path: Path) -> None
     shutil.copytree(SAMPLE, project, ignore=shutil.ignore_patterns(".looptree", "__pycache__", "metrics.csv"))
     master, slave = pty.openpty()
     env = dict(os.environ, TERM="xterm-256color", COLUMNS="120", LINES="40")
-    dashboard = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(project), *QUICK],
+    dashboard = subprocess.Popen([sys.executable, "-m", "app.cli", "run", str(project), *QUICK],
                                  cwd=REPO, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
     os.close(slave)
     screen = bytearray()
