@@ -34,16 +34,19 @@ STATE_STYLES = {"running": "bold green", "paused": "bold yellow", "finished": "b
 def label_key(view: RunView, node: NodeState, frame: int | None) -> tuple[Any, ...]:
     spec = view.leading()
     value = node.metrics.get(spec.column) if spec is not None else None
-    running = node.status in RUNNING
+    running = node.status in RUNNING and not view.state.finished
     verdict = node.verdict.get("label") if node.verdict else None
-    return (node.status, node.stage if running else None, value, node.pruned, node.pinned,
+    return (bool(view.state.finished), node.status, node.stage if running else None, value, node.pruned, node.pinned,
             node.id == view.best_id, node.failure_stage, frame if running else None, node.kind, verdict)
 
 
 def node_label(view: RunView, node: NodeState, frame: int | None) -> Text:
     """`✔ 5.3.1  7.5 ms ★` — glyph, ID, leading metric, marks. `frame` animates running nodes."""
     glyph, colour = GLYPHS.get(node.status, ("?", "white"))
-    if node.status in RUNNING and frame is not None:
+    interrupted = node.status in RUNNING and bool(view.state.finished)  # the run ended around it
+    if interrupted:
+        glyph, colour = "◌", "grey50"
+    elif node.status in RUNNING and frame is not None:
         glyph = SPINNER[frame % len(SPINNER)]
     is_best = node.id == view.best_id
     text = Text()
@@ -60,6 +63,8 @@ def node_label(view: RunView, node: NodeState, frame: int | None) -> Text:
             text.append(mark, style=style)
     elif node.status == "failed":
         text.append(f"  {node.failure_stage or 'failed'}", style="red")
+    elif interrupted:
+        text.append("  interrupted", style="grey50")
     elif node.status in RUNNING:
         text.append(f"  {node.stage or node.status}", style="grey50")
     if node.kind in ("fix", "fork"):
@@ -108,13 +113,13 @@ def header_text(view: RunView, *, now: float, engine_alive: bool | None, replay:
         line.append(f"{counts.get('done', 0)}✔", style="green")
         line.append(" ")
         line.append(f"{failed}✘", style="red" if failed else "")
-        line.append(f" {running}⟳")
+        line.append(f" {running}◌" if state.finished else f" {running}⟳")
     else:
         line.append(f" nodes {len(state.nodes)}: ")
         line.append(f"{counts.get('done', 0)} done", style="green")
         line.append(" · ")
         line.append(f"{failed} failed", style="red" if failed else "")
-        line.append(f" · {running} running")
+        line.append(f" · {running} interrupted" if state.finished else f" · {running} running")
     best = view.best
     spec = view.leading()
     if best is not None and spec is not None and spec.column in best.metrics:
