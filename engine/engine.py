@@ -103,18 +103,15 @@ class Engine:
         self.job_prefix = job_prefix(run_dir)
         self._main_task: asyncio.Task[Any] | None = None
         self._git_lock = asyncio.Lock()
-        self.listeners: list[Any] = []
+        log.add_listener(state.apply)  # the fold sees every event first, then any printer
+        self.listeners = log.listeners
         self._cleaned = False
         if state.paused:
             self.unpaused.clear()  # a run paused before a crash or stop stays paused on resume
 
     # -- events ----------------------------------------------------------------------------
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
-        event = self.log.append(type_, **fields)
-        self.state.apply(event)
-        for listener in self.listeners:
-            listener(event)
-        return event
+        return self.log.append(type_, **fields)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -257,15 +254,9 @@ class Engine:
                 if phase in self.state.phases_finished:
                     continue
                 await self._run_phase(phase, ideas)
-                before_id = self.state.phase_best_before.get(phase)
-                before = self.state.nodes.get(before_id or "")
-                best_before = self.state.rank_key(before) if before is not None and self.state.specs else None
-                best_now = self.state.rank_key(self.state.best()) if self.state.best() and self.state.specs else None
-                improved = best_now is not None and (best_before is None or best_now[:len(self.state.specs or [])]
-                                                     > best_before[:len(self.state.specs or [])])
+                improved = search.improved_since(self.state, self.state.phase_best_before.get(phase))
                 best = self.state.best()
                 self.emit("phase_finished", phase=phase, best=best.id if best else None, improved=improved)
-                best_before = best_now
                 patience = cfg.early_stop_patience
                 if patience and search.phases_without_improvement(self.state) >= patience and phase + 1 < cfg.num_phases:
                     await self._drain_forks()

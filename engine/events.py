@@ -9,7 +9,6 @@ loss at a cost per event.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import json
 import os
@@ -17,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from engine.errors import LooptreeError, RunLockedError
 
@@ -83,7 +82,8 @@ class EventLog:
         _truncate_torn_tail(self.path)
         self._seq = sum(1 for _ in iter_events(self.path))
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        # In-process listeners (the state fold first, then printers) see each event once it is on disk.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     @property
     def seq(self) -> int:
@@ -100,13 +100,12 @@ class EventLog:
         if self.fsync:
             os.fsync(self._fd)
         self._seq += 1
-        for listener in self._listeners:
+        for listener in self.listeners:
             listener(event)
         return event
 
     def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
-        """In-process listeners (state fold, headless printer) see every event once it is on disk."""
-        self._listeners.append(listener)
+        self.listeners.append(listener)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -166,23 +165,6 @@ class EventTail:
                 except json.JSONDecodeError:
                     continue
         return events
-
-
-async def follow_events(path: Path, stop: asyncio.Event, *, from_start: bool = True) -> AsyncIterator[list[dict[str, Any]]]:
-    """Yield batches of new events as the file grows (inotify through watchfiles, with a slow poll as backstop)."""
-    from watchfiles import awatch
-
-    tail = EventTail(path)
-    if not from_start and path.exists():
-        tail.offset = path.stat().st_size
-    first = tail.poll()
-    if first:
-        yield first
-    path.parent.mkdir(parents=True, exist_ok=True)
-    async for _changes in awatch(path.parent, stop_event=stop, debounce=50, step=50, rust_timeout=1000, yield_on_timeout=True):
-        batch = tail.poll()
-        if batch:
-            yield batch
 
 
 class RunLock:

@@ -7,18 +7,10 @@ one would have, and each rule is tested without processes or models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from engine.metrics import priority_key
 from engine.state import NodeState, RunState
 
 FIXABLE_STAGES = ("edit", "build", "check", "bench", "metrics", "timeout")
-
-
-@dataclass(frozen=True)
-class PhasePlan:
-    phase: int
-    parents: list[str]  # one entry per agent to start (a parent may repeat)
 
 
 def choose_parents(state: RunState, num_samples: int, expand_top: int) -> list[str]:
@@ -47,11 +39,22 @@ def may_fix(state: RunState, node: NodeState, max_fix_attempts: int) -> bool:
     return state.fix_depth(node.id) < max_fix_attempts
 
 
-def best_key(state: RunState) -> tuple[float, ...] | None:
-    best = state.best()
-    if best is None or not state.specs:
+def lead_key(state: RunState, node: NodeState | None) -> tuple[float, ...] | None:
+    """The metrics a node is credited with, in priority order (larger is better)."""
+    if node is None or not state.specs:
         return None
-    return priority_key(state.credited(best).metrics, state.specs)
+    return priority_key(state.credited(node).metrics, state.specs)
+
+
+def best_key(state: RunState) -> tuple[float, ...] | None:
+    return lead_key(state, state.best())
+
+
+def improved_since(state: RunState, before_id: str | None) -> bool:
+    """Did the best node beat the one that was best when the phase started (recorded in the log)?"""
+    now = best_key(state)
+    before = lead_key(state, state.nodes.get(before_id or ""))
+    return now is not None and (before is None or now > before)
 
 
 def phases_without_improvement(state: RunState) -> int:
