@@ -175,7 +175,7 @@ def demo_run(*, finished: bool = False, gpus: int = 2, run: int = 5, project: st
     node(f"{r}.3", r, kind="idea", phase=0, value=9.0, idea="vectorise the inner loop", device=1 if gpus > 1 else None)
     node(f"{r}.4", r, kind="idea", phase=0, value=11.8, idea="unroll by hand",
          verdict={"label": "no significant change", "metric": COLUMNS[0], "ratio": 0.983, "ci_low": 0.95,
-                  "ci_high": 1.02, "p_value": 0.31, "n_parent": 6, "n_candidate": 6, "against": r})
+                  "ci_high": 1.02, "ci_level": 0.904, "p_value": 0.31, "n_parent": 6, "n_candidate": 6, "against": r})
     node(f"{r}.5", r, kind="idea", phase=0, outcome="failed:agent", idea="rewrite in C")
     w.emit("phase_finished", phase=0, best=f"{r}.3", improved=True)
     w.emit("node_pinned", id=f"{r}.1")
@@ -184,7 +184,7 @@ def demo_run(*, finished: bool = False, gpus: int = 2, run: int = 5, project: st
     w.emit("node_pruned", id=f"{r}.4")
     node(f"{r}.3.1", f"{r}.3", phase=1, value=7.5, device=0 if gpus else None,
          verdict={"label": "better", "metric": COLUMNS[0], "ratio": 0.833, "ci_low": 0.81, "ci_high": 0.85,
-                  "p_value": 0.004, "noise_floor": 0.01, "n_parent": 6, "n_candidate": 6, "against": f"{r}.3"})
+                  "ci_level": 0.904, "p_value": 0.004, "aa_noise": 0.01, "n_parent": 6, "n_candidate": 6, "against": f"{r}.3"})
     for step in range(3):
         for index in range(gpus):
             w.emit("gpu_sample", device=index, fields=gpu_fields(index, step), dt=0.1)

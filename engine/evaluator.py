@@ -226,15 +226,16 @@ class Evaluator:
                 cand_rows.append(run.rows)
                 self._keep_raw(node_dir, index, run.rows, specs or [])
             if len(cand_rows) >= target and reference_dir is not None and specs and len(parent_rows) == len(cand_rows):
-                verdict, more = self._judge(parent_rows, cand_rows, specs, cap)
+                verdict, more = self._judge(parent_rows, cand_rows, specs, repeats, cap)
                 target += more
         assert specs is not None
         return EvalOutcome(True, aggregate=aggregate(cand_rows, specs), specs=specs, rows=cand_rows,
                            parent_rows=parent_rows, verdict=verdict)
 
     def _judge(self, parent_rows: list[list[dict[str, float]]], cand_rows: list[list[dict[str, float]]],
-               specs: list[MetricSpec], cap: int) -> tuple[dict[str, Any], int]:
+               specs: list[MetricSpec], first: int, cap: int) -> tuple[dict[str, Any], int]:
         """Verdict on the leading metric from per-repeat medians, and how many more pairs to run."""
+        from engine.sequential import level_at
         from engine.stats import adaptive_repeats, compare, noise_floor
 
         lead = specs[0]
@@ -245,12 +246,16 @@ class Evaluator:
         # speed-ups undetectable (benchmarks/noise_bench.py). A user margin is `bench.min_effect`.
         aa_floor = noise_floor(parent[0::2], parent[1::2]) if len(parent) >= 4 else None
         bench = self.config.bench
-        looks = 2 if cap > bench.repeats else 1  # adaptive repeats look twice: split alpha (Bonferroni)
-        result = compare(parent, cand, lower_is_better=not lead.higher_is_better, alpha=bench.alpha / looks,
+        # Adaptive repeats look at the data more than once (first → doubling → cap): each look gets
+        # its nominal level from an O'Brien-Fleming alpha-spending plan, so that "better" is called
+        # on an unchanged node with probability at most alpha over all looks together.
+        level = level_at(len(cand), first, cap, bench.alpha)
+        result = compare(parent, cand, lower_is_better=not lead.higher_is_better, alpha=level,
                          noise_floor=bench.min_effect)
         more = adaptive_repeats(result, max_repeats=cap)
         verdict = {"label": result.label, "metric": lead.column, "ratio": result.ratio, "ci_low": result.ci_low,
-                   "ci_high": result.ci_high, "p_value": result.p_value, "min_effect": result.noise_floor, "aa_noise": aa_floor,
+                   "ci_high": result.ci_high, "ci_level": result.ci_level, "p_value": result.p_value,
+                   "alpha_look": level, "min_effect": result.noise_floor, "aa_noise": aa_floor,
                    "n_parent": result.n_parent, "n_candidate": result.n_candidate,
                    "parent_median": _median(parent), "candidate_median": _median(cand)}
         return verdict, more

@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from engine.report import ci_text
 from engine.state import RunState
 
 
@@ -82,7 +83,7 @@ def format_event(event: dict[str, Any], state: RunState) -> str | None:
                 ratio = f"  ({r:.2f}x vs baseline)"
         verdict = event.get("verdict") or {}
         call = (f" — {verdict['label']} than {verdict.get('against')} (ratio {verdict.get('ratio', 0):.3g}, "
-                f"CI {verdict.get('ci_low', 0):.3g}–{verdict.get('ci_high', 0):.3g}, n={verdict.get('n_candidate')})"
+                f"{ci_text(verdict)}, n={verdict.get('n_candidate')})"
                 if verdict.get("label") else "")
         call = call.replace("no significant change than", "no significant change vs").replace("worse than", "worse than")
         return f"{node:<10} evaluated #{event.get('iteration')}: {_metrics(event.get('metrics', {}))}{ratio}{call}"

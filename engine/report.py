@@ -33,13 +33,24 @@ def _metric_text(node: NodeState, specs: list[MetricSpec] | None) -> str:
     return "  ".join(f"{s.name}={node.metrics[s.column]:.4g}" for s in cols if s.column in node.metrics)
 
 
+def ci_text(verdict: dict) -> str:
+    """`90% CI 0.91–0.98`: the interval with the coverage it really has.
+
+    The level changes with the look (alpha spending), so it is read from the verdict; verdicts
+    from runs made before it was recorded say only "CI".
+    """
+    level = verdict.get("ci_level")
+    head = f"{level * 100:.3g}% CI" if isinstance(level, (int, float)) else "CI"
+    return f"{head} {verdict.get('ci_low', 0):.3g}–{verdict.get('ci_high', 0):.3g}"
+
+
 def verdict_text(node: NodeState) -> str:
     """`  [better than 1.2: 0.41x, 95% CI 0.38–0.45]`: the noise-aware call against the reference."""
     v = node.verdict
     if not v:
         return ""
     return (f"  [{v.get('label')} vs {v.get('against', node.parent)}: ratio {v.get('ratio', 0):.3g}, "
-            f"CI {v.get('ci_low', 0):.3g}–{v.get('ci_high', 0):.3g}, n={v.get('n_candidate')}]")
+            f"{ci_text(v)}, n={v.get('n_candidate')}]")
 
 
 def node_line(state: RunState, node: NodeState) -> str:

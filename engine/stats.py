@@ -2,10 +2,13 @@
 
 Why this shape: benchmark repeats are few (5–30), skewed and sometimes bimodal, so a rank test
 (one-sided Mann-Whitney U) decides *whether* there is a shift, and a bootstrap CI of the ratio of
-medians says *how big* it is. A candidate is "better" only if the shift is significant AND the
-whole CI clears the noise floor measured by timing the parent against itself (A/A): a 1 %
-"speed-up" on a machine whose A/A noise is 3 % is not one. Everything is seeded, so the same
-numbers always give the same verdict (resume and replay must agree with the live run).
+medians says *how big* it is. A candidate is "better" only if the shift is significant at the
+one-sided level ``alpha`` AND the CI's bound on the better side clears 1 (or 1 ± a practical
+margin). The CI is two-sided at 1 - 2·alpha, so each of its bounds is a one-sided bound at alpha,
+the same level as the test: the two halves of the decision agree instead of one silently being
+twice as strict. When the evaluator looks more than once, ``alpha`` is that look's nominal level
+from ``engine.sequential``. Everything is seeded, so the same numbers always give the same
+verdict (resume and replay must agree with the live run).
 
 Pure numpy/scipy; no I/O, no torch.
 """
@@ -36,6 +39,7 @@ class Verdict:
     p_value_worse: float = 1.0  # one-sided, in the direction of regression
     noise_floor: float = 0.0
     lower_is_better: bool = True
+    ci_level: float = 0.90  # two-sided coverage of [ci_low, ci_high]: 1 - 2·alpha
 
     @property
     def improvement_bound(self) -> float:
@@ -108,9 +112,12 @@ def compare(
 ) -> Verdict:
     """Decide better / no significant change / worse for one metric (see module doc).
 
-    ``noise_floor`` is a relative margin (0.02 = 2 %), e.g. from ``noise_floor(a1, a2)``;
-    ``None`` means 0. With ``filter_outliers`` both samples go through ``iqr_filter`` first.
+    ``alpha`` is the one-sided level of this look. ``noise_floor`` is a relative margin
+    (0.02 = 2 %) the CI must also clear; ``None`` means 0. With ``filter_outliers`` both samples
+    go through ``iqr_filter`` first.
     """
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
     p = _clean(parent, "parent")
     c = _clean(candidate, "candidate")
     if filter_outliers:
@@ -121,7 +128,7 @@ def compare(
     p_worse = _one_sided_p(c, p, worse_alt)
     med_p = float(np.median(p))
     ratio = float(np.median(c)) / med_p if med_p != 0 else math.nan
-    ci_low, ci_high = bootstrap_ratio_ci(p, c, alpha=alpha, n_boot=n_boot, seed=seed)
+    ci_low, ci_high = bootstrap_ratio_ci(p, c, alpha=2.0 * alpha, n_boot=n_boot, seed=seed)
 
     label: Label = "no significant change"
     ci_known = not (math.isnan(ci_low) or math.isnan(ci_high))
@@ -146,6 +153,7 @@ def compare(
         p_value_worse=p_worse,
         noise_floor=floor,
         lower_is_better=lower_is_better,
+        ci_level=1.0 - 2.0 * alpha,
     )
 
 

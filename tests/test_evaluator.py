@@ -9,6 +9,7 @@ import pytest
 
 from engine.config import validate_config
 from engine.evaluator import Evaluator
+from engine.sequential import nominal_levels
 
 GOOD_BENCH = (
     "import sys\n"
@@ -120,6 +121,12 @@ async def test_interleaved_comparison_calls_a_real_speedup_better(tmp_path: Path
     assert outcome.ok
     assert outcome.verdict["label"] == "better"
     assert outcome.verdict["ratio"] == pytest.approx(0.5)
+    # Decided at the first of two looks (5 then 6 pairs), at that look's alpha-spending level,
+    # with the interval whose one-sided bounds have that same level.
+    first_look = nominal_levels((5, 6), config.bench.alpha)[0]
+    assert outcome.verdict["alpha_look"] == pytest.approx(first_look)
+    assert outcome.verdict["ci_level"] == pytest.approx(1 - 2 * first_look)
+    assert outcome.verdict["ci_high"] < 1.0
     sides = [f["side"] for t, f in emit.events if t == "stage_started" and f.get("stage") == "bench"]
     assert sides[:4] == ["parent", "candidate", "candidate", "parent"]
     assert len(outcome.parent_rows) == len(outcome.rows) == 5

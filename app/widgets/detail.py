@@ -111,7 +111,7 @@ def metrics_text(view: RunView, node: NodeState) -> Text:
 
 
 def verdict_line(verdict: dict[str, Any]) -> str:
-    """`better vs 5.3: ratio 0.833 · 95% CI [0.810, 0.850] · p=0.004 · n=6/6 · noise ±1.0%`."""
+    """`better vs 5.3: ratio 0.833 · 90.4% CI [0.810, 0.850] · p=0.004 · n=6/6 · A/A noise ±1.0%`."""
     def num(key: str) -> float | None:
         value = verdict.get(key)
         return float(value) if isinstance(value, (int, float)) else None
@@ -124,14 +124,18 @@ def verdict_line(verdict: dict[str, Any]) -> str:
     if ratio is not None:
         parts.append(f"ratio {ratio:.3f}")
     if low is not None and high is not None:
-        parts.append(f"95% CI [{low:.3f}, {high:.3f}]")
+        level = num("ci_level")
+        parts.append(f"{level * 100:.3g}% CI [{low:.3f}, {high:.3f}]" if level is not None else f"CI [{low:.3f}, {high:.3f}]")
     if p is not None:
         parts.append(f"p={p:.3g}")
     if num("n_parent") is not None and num("n_candidate") is not None:
         parts.append(f"n={int(verdict['n_parent'])}/{int(verdict['n_candidate'])}")
-    floor = num("noise_floor")
-    if floor:
-        parts.append(f"noise ±{floor * 100:.1f}%")
+    margin = num("min_effect")
+    if margin:
+        parts.append(f"margin {margin * 100:.1f}%")
+    aa = num("aa_noise")
+    if aa is not None:
+        parts.append(f"A/A noise ±{aa * 100:.1f}%")
     return head + (": " + " · ".join(parts) if parts else "")
 
 
