@@ -66,7 +66,7 @@ from engine.config import Config, validate_config  # noqa: E402
 from engine.evaluator import Evaluator  # noqa: E402
 from engine.metrics import MetricSpec  # noqa: E402
 from engine.sequential import level_at  # noqa: E402
-from engine.stats import Verdict, adaptive_repeats, compare, noise_floor  # noqa: E402
+from engine.stats import Verdict, adaptive_repeats, compare, noise_floor, smallest_p  # noqa: E402
 
 TARGET_FALSE_BETTER = 0.05
 TARGET_DETECTION = 0.80
@@ -165,12 +165,12 @@ def make_projects(root: Path, iterations: int) -> tuple[Path, Path]:
     return dirs[0], dirs[1]
 
 
-def make_config(clock: str, inner: int, repeats: int, max_repeats: int, alpha: float) -> Config:
+def make_config(clock: str, inner: int, repeats: int, max_repeats: int, alpha: float, test: str) -> Config:
     command = f"{shlex.quote(sys.executable)} -S bench.py {clock} {inner}"
     return validate_config({
         "project": {"goal": "noise benchmark", "writable": ["bench.py"]},
         "bench": {"command": command, "repeats": repeats, "max_repeats": max_repeats, "alpha": alpha,
-                  "timeout": 120.0},
+                  "timeout": 120.0, "test": test},
     }, source="noise_bench")
 
 
@@ -211,16 +211,18 @@ def floor_aa(parent: list[float]) -> float | None:
 
 
 def make_policy(start: int, cap: int, floor: Callable[[list[float]], float | None],
-                level: Callable[[int], float]) -> Policy:
+                level: Callable[[int], float], paired: bool) -> Policy:
     """Judge at ``start`` pairs, then add what ``adaptive_repeats`` asks for, as `_bench` does.
 
-    ``level(n)`` is the one-sided level of the look at ``n`` pairs.
+    ``level(n)`` is the one-sided level of the look at ``n`` pairs; ``paired`` picks the
+    signed-rank test on the pairs instead of Mann-Whitney.
     """
     def policy(parent: list[float], cand: list[float]) -> tuple[str, int]:
         n = start
         while True:
             p, c = parent[:n], cand[:n]
-            verdict: Verdict = compare(p, c, lower_is_better=True, alpha=level(n), noise_floor=floor(p))
+            verdict: Verdict = compare(p, c, lower_is_better=True, alpha=level(n), noise_floor=floor(p),
+                                       paired=paired)
             more = adaptive_repeats(verdict, max_repeats=cap)
             if more == 0 or n + more > len(parent):
                 if more and n + more > len(parent):
@@ -230,26 +232,33 @@ def make_policy(start: int, cap: int, floor: Callable[[list[float]], float | Non
     return policy
 
 
-def policies(repeats: int, cap: int, alpha: float) -> dict[str, Policy]:
-    """The current policy and the alternatives the report compares it with."""
+def spending(repeats: int, cap: int, alpha: float, paired: bool) -> Callable[[int], float]:
+    """The per-look level `_judge` uses: O'Brien-Fleming spending, looks the test cannot pass dropped."""
+    return lambda n: level_at(n, repeats, cap, alpha, min_p=lambda k: smallest_p(k, k, paired=paired))
+
+
+def policies(repeats: int, cap: int, alpha: float, test: str = "paired") -> dict[str, Policy]:
+    """The current policy (for ``test``) and the alternatives the report compares it with."""
     none = lambda p: None  # noqa: E731
     fixed = lambda x: (lambda p: x)  # noqa: E731
-    capped = lambda x: (lambda p: None if len(p) < 4 else min(x, noise_floor(p[0::2], p[1::2])))  # noqa: E731
     looks, n = 1, repeats  # adaptive_repeats doubles up to the cap: 5 -> 10 is two looks at the data
     while n < cap:
         looks, n = looks + 1, min(2 * n, cap)
-    spending = lambda n: level_at(n, repeats, cap, alpha)  # noqa: E731  (what _judge does)
     flat = lambda a: (lambda n: a)  # noqa: E731
+    paired = test == "paired"
+    other = "mann-whitney" if paired else "paired"
     return {
-        f"current: {repeats}->{cap}, no floor, O'Brien-Fleming spending": make_policy(repeats, cap, none, spending),
-        f"{repeats}->{cap}, no floor, Bonferroni alpha/{looks} per look": make_policy(repeats, cap, none,
-                                                                                  flat(alpha / looks)),
-        f"{repeats}->{cap}, floor = A/A CI (the first design)": make_policy(repeats, cap, floor_aa, flat(alpha)),
-        f"{repeats}->{cap}, floor = min(A/A CI, 1%), spending": make_policy(repeats, cap, capped(0.01), spending),
-        f"{repeats}->{cap}, fixed floor 1%, spending": make_policy(repeats, cap, fixed(0.01), spending),
-        f"{repeats}->{cap}, no floor, full alpha at every look (too lax)": make_policy(repeats, cap, none,
-                                                                                      flat(alpha)),
-        f"fixed {cap}, no floor, one look": make_policy(cap, cap, none, flat(alpha)),
+        f"current: {test}, {repeats}->{cap}, O'Brien-Fleming spending": make_policy(
+            repeats, cap, none, spending(repeats, cap, alpha, paired), paired),
+        f"{other}, {repeats}->{cap}, O'Brien-Fleming spending": make_policy(
+            repeats, cap, none, spending(repeats, cap, alpha, not paired), not paired),
+        f"mann-whitney, {repeats}->{cap}, Bonferroni alpha/{looks} per look": make_policy(
+            repeats, cap, none, flat(alpha / looks), False),
+        f"mann-whitney, {repeats}->{cap}, floor = A/A CI (the first design)": make_policy(
+            repeats, cap, floor_aa, flat(alpha), False),
+        f"{test}, {repeats}->{cap}, spending, fixed floor 1%": make_policy(
+            repeats, cap, fixed(0.01), spending(repeats, cap, alpha, paired), paired),
+        f"{test}, fixed {cap}, one look": make_policy(cap, cap, none, flat(alpha), paired),
     }
 
 
@@ -358,8 +367,9 @@ def replay_report(trials: list[Trial], args: argparse.Namespace) -> dict[str, An
     """Current policy re-judged from the recorded medians (must match), and with --what-if, alternatives."""
     out: dict[str, Any] = {}
     if not args.what_if:
+        paired = args.test == "paired"
         current = make_policy(args.repeats, args.max_repeats, lambda p: 0.0,
-                              lambda n: level_at(n, args.repeats, args.max_repeats, args.alpha))  # as `_judge`
+                              spending(args.repeats, args.max_repeats, args.alpha, paired), paired)  # as `_judge`
         same = sum(current(t.parent, t.candidate)[0] == t.label for t in trials)
         print(f"replay check: engine.stats on the recorded medians gives the evaluator's verdict in "
               f"{same}/{len(trials)} trials")
@@ -367,7 +377,7 @@ def replay_report(trials: list[Trial], args: argparse.Namespace) -> dict[str, An
         return out
     print(f"\n## What-if: policies replayed on the same {args.max_repeats} interleaved pairs per trial\n")
     print(TABLE_HEAD.format(group="clock"))
-    pols = policies(args.repeats, args.max_repeats, args.alpha)
+    pols = policies(args.repeats, args.max_repeats, args.alpha, args.test)
     # The same data with each repeat summarised by its fastest row instead of its median: a stray
     # slow row (preemption, a neighbour's cache traffic) then costs nothing unless every row has it.
     by_min = {f"{name}; repeat = min of rows": pols[name] for name in list(pols)[:2]}
@@ -390,25 +400,33 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
 
     rng = np.random.default_rng(20240607)
     cap = args.max_repeats
-    pols = policies(args.repeats, cap, args.alpha)
+    pols = policies(args.repeats, cap, args.alpha, args.test)
     out: dict[str, Any] = {}
     print(f"\n## Model: {args.sims} simulated trials per cell, i.i.d. log-normal per-repeat medians, "
           f"true ratio {args.speedup}\n")
     print(TABLE_HEAD.format(group="per-repeat CV"))
     lo, hi = args.slow_by
 
-    def one_side(sigma: float, factor: float) -> list[float]:
+    def one_side(sigma: float, factor: float) -> np.ndarray:
         x = factor * np.exp(rng.normal(0, sigma, cap))
-        slow = rng.random(cap) < args.slow_share  # a whole repeat caught in a slow phase
+        slow = rng.random(cap) < args.slow_share  # one run caught in a slow phase
         x[slow] *= 1.0 + rng.uniform(lo, hi, int(slow.sum()))
-        return x.tolist()
+        return x
 
-    if args.slow_share:
-        print(f"(with slow phases: each repeat, with probability {args.slow_share:g}, is {lo:g}–{hi:g}× slower "
-              f"on top)\n")
+    def one_trial(sigma: float, factor: float) -> tuple[list[float], list[float]]:
+        p, c = one_side(sigma, 1.0), one_side(sigma, factor)
+        spell = rng.random(cap) < args.spell_share  # a slow spell over both runs of a pair
+        by = 1.0 + rng.uniform(lo, hi, int(spell.sum()))
+        p[spell] *= by
+        c[spell] *= by
+        return p.tolist(), c.tolist()
+
+    if args.slow_share or args.spell_share:
+        print(f"(slow phases: each run alone with probability {args.slow_share:g}, and both runs of a pair "
+              f"with probability {args.spell_share:g}, are 1+U({lo:g}, {hi:g}) times slower)\n")
     for cv_value in args.simulate:
         sigma = math.sqrt(math.log(1 + cv_value ** 2))
-        draw = lambda factor: [(one_side(sigma, 1.0), one_side(sigma, factor)) for _ in range(args.sims)]  # noqa: E731
+        draw = lambda factor: [one_trial(sigma, factor) for _ in range(args.sims)]  # noqa: E731
         policy_rows(pct(cv_value), pols, draw(1.0), draw(args.speedup), out)
     return out
 
@@ -431,10 +449,11 @@ async def main_async(args: argparse.Namespace) -> int:
         iterations = calibrate(args.work_ms)
         parent_dir, cand_dir = make_projects(root, iterations)
         eval_repeats = args.max_repeats if args.what_if else args.repeats
-        evaluators = {c: Evaluator(make_config(c, args.inner, eval_repeats, args.max_repeats, args.alpha))
+        evaluators = {c: Evaluator(make_config(c, args.inner, eval_repeats, args.max_repeats, args.alpha, args.test))
                       for c in clocks}
         print(f"noise_bench: {args.trials} trials per condition and clock ({', '.join(clocks)}), "
               f"bench.repeats={eval_repeats}, bench.max_repeats={args.max_repeats}, alpha={args.alpha}, "
+              f"bench.test={args.test}, "
               f"speed-up factor {args.speedup}, {iterations} loop iterations (~{args.work_ms:g} ms CPU) × "
               f"{args.inner} rows per bench run; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
               f"{'; what-if mode: every trial runs ' + str(args.max_repeats) + ' pairs' if args.what_if else ''}")
@@ -480,6 +499,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=5, help="bench.repeats (pairs before the first verdict)")
     ap.add_argument("--max-repeats", type=int, default=10, help="bench.max_repeats (most pairs per trial)")
     ap.add_argument("--alpha", type=float, default=0.05, help="bench.alpha")
+    ap.add_argument("--test", choices=["paired", "mann-whitney"], default="paired", help="bench.test")
     ap.add_argument("--speedup", type=float, default=0.95, help="candidate work factor for the speed-up trials")
     ap.add_argument("--work-ms", type=float, default=30.0, help="CPU time of one timed loop in the parent")
     ap.add_argument("--inner", type=int, default=5, help="timed loops (metrics rows) per bench run")
@@ -493,6 +513,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sims", type=int, default=200, help="simulated trials per cell with --simulate")
     ap.add_argument("--slow-share", type=float, default=0.0,
                     help="with --simulate: share of repeats hit by a slow phase (heavy right tail), e.g. 0.1")
+    ap.add_argument("--spell-share", type=float, default=0.0,
+                    help="with --simulate: share of pairs inside a slow spell that slows both runs alike")
     ap.add_argument("--slow-by", type=lambda v: tuple(float(x) for x in v.split(",")), default=(0.3, 0.5),
                     metavar="LO,HI", help="with --slow-share: a slow repeat is 1+U(LO,HI) times slower")
     ap.add_argument("--json", help="write the summary and every trial's measurements here")

@@ -46,6 +46,9 @@ class BenchSection(_Section):
     concurrency: int = Field(default=1, ge=1, le=64)
     device: Literal["auto", "gpu", "cpu"] = "auto"
     compare: Literal["interleaved", "off"] = "interleaved"
+    # The rank test of an interleaved comparison: "paired" (Wilcoxon signed-rank on the pairs'
+    # log ratios; cancels slow spells that hit both runs of a pair) or "mann-whitney" (unpaired).
+    test: Literal["paired", "mann-whitney"] = "paired"
     max_repeats: int = Field(default=10, ge=1, le=1000)
     alpha: float = Field(default=0.05, gt=0, lt=0.5)
     min_effect: float = Field(default=0.0, ge=0, lt=1)  # a margin the ratio's CI must also clear
@@ -220,9 +223,39 @@ def validate_config(data: dict[str, Any], source: str = CONFIG_NAME) -> Config:
     if "bench" not in data or not isinstance(data.get("bench"), dict) or not data["bench"].get("command"):
         raise ConfigError(f"{source}: missing required key 'bench.command' (the command that benchmarks a candidate)")
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, source)) from None
+    _check_significance_reachable(config, source)
+    return config
+
+
+def _check_significance_reachable(config: Config, source: str) -> None:
+    """Refuse a comparison that can never call anything better: the search would silently stall.
+
+    With too few pairs even the most lopsided result (every candidate run faster than every
+    parent run) is not significant at the last look's level, so every node would be credited
+    with its parent's numbers.
+    """
+    bench = config.bench
+    if bench.compare != "interleaved":
+        return
+    from engine.sequential import level_at  # local: scipy is only needed for this check
+    from engine.stats import smallest_p
+
+    paired = bench.test == "paired"
+
+    def reachable(cap: int) -> bool:
+        min_p = lambda n: smallest_p(n, n, paired=paired)  # noqa: E731
+        return min_p(cap) < level_at(cap, bench.repeats, cap, bench.alpha, min_p=min_p)
+
+    cap = max(bench.repeats, bench.max_repeats)
+    if reachable(cap):
+        return
+    need = next((n for n in range(cap + 1, 1001) if reachable(n)), None)
+    fix = f"set bench.max_repeats to at least {need}" if need else "raise bench.alpha"
+    raise ConfigError(f"{source}: with {cap} repeats per side, bench.test={bench.test!r} can never call a "
+                      f"candidate better at bench.alpha={bench.alpha:g}; {fix}, or set bench.compare=\"off\"")
 
 
 def check_patterns(config: Config, project_dir: Path) -> None:

@@ -236,26 +236,29 @@ class Evaluator:
                specs: list[MetricSpec], first: int, cap: int) -> tuple[dict[str, Any], int]:
         """Verdict on the leading metric from per-repeat medians, and how many more pairs to run."""
         from engine.sequential import level_at
-        from engine.stats import adaptive_repeats, compare, noise_floor
+        from engine.stats import adaptive_repeats, compare, noise_floor, smallest_p
 
         lead = specs[0]
         parent = [_median([r[lead.column] for r in rows]) for rows in parent_rows]
         cand = [_median([r[lead.column] for r in rows]) for rows in cand_rows]
         # The A/A floor (parent against itself) is recorded as a diagnostic, not added to the test:
-        # Mann-Whitney already accounts for the spread, and counting the noise twice made real 5%
+        # the rank test already accounts for the spread, and counting the noise twice made real 5%
         # speed-ups undetectable (benchmarks/noise_bench.py). A user margin is `bench.min_effect`.
         aa_floor = noise_floor(parent[0::2], parent[1::2]) if len(parent) >= 4 else None
         bench = self.config.bench
         # Adaptive repeats look at the data more than once (first → doubling → cap): each look gets
         # its nominal level from an O'Brien-Fleming alpha-spending plan, so that "better" is called
         # on an unchanged node with probability at most alpha over all looks together.
-        level = level_at(len(cand), first, cap, bench.alpha)
+        # Runs were timed in back-to-back pairs (P C, C P, …): the paired test cancels slow spells
+        # that hit both runs of a pair (bench.test, default "paired").
+        paired = bench.test == "paired"
+        level = level_at(len(cand), first, cap, bench.alpha, min_p=lambda n: smallest_p(n, n, paired=paired))
         result = compare(parent, cand, lower_is_better=not lead.higher_is_better, alpha=level,
-                         noise_floor=bench.min_effect)
+                         noise_floor=bench.min_effect, paired=paired)
         more = adaptive_repeats(result, max_repeats=cap)
         verdict = {"label": result.label, "metric": lead.column, "ratio": result.ratio, "ci_low": result.ci_low,
                    "ci_high": result.ci_high, "ci_level": result.ci_level, "p_value": result.p_value,
-                   "alpha_look": level, "min_effect": result.noise_floor, "aa_noise": aa_floor,
+                   "alpha_look": level, "test": bench.test, "min_effect": result.noise_floor, "aa_noise": aa_floor,
                    "n_parent": result.n_parent, "n_candidate": result.n_candidate,
                    "parent_median": _median(parent), "candidate_median": _median(cand)}
         return verdict, more

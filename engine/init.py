@@ -34,6 +34,8 @@ command = "{bench}"         # writes the metrics CSV (see README: metrics protoc
 metrics = "metrics.csv"     # relative to the candidate's worktree
 timeout = 600
 repeats = 5                 # whole bench runs per node
+max_repeats = 10            # parent and candidate run in interleaved pairs; close calls get more, up to this
+test = "paired"             # paired (Wilcoxon signed-rank on the pairs) | mann-whitney
 
 [agent]
 provider = "replay"         # replay | openai | google | openrouter | cborg | deepseek | local

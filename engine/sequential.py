@@ -95,14 +95,41 @@ def nominal_levels(looks: tuple[int, ...], alpha: float) -> tuple[float, ...]:
     return tuple(levels)
 
 
-def level_at(n: int, first: int, cap: int, alpha: float) -> float:
+def plan(first: int, cap: int, alpha: float,
+         min_p: Callable[[int], float] | None = None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The looks of the schedule ``first`` → ``cap`` and the nominal one-sided level of each.
+
+    ``min_p(n)`` is the smallest p-value the test can give at ``n`` pairs (a rank test on 5 pairs
+    cannot go below 1/32). A look where even that cannot reach its level is taken out of the plan
+    before any data is seen, so it spends no alpha and the later looks get it; at such a look the
+    level returned is ``min_p(n)`` (at most the final level), which no result can get below. Fixed in advance, the plan
+    keeps the overall chance of a false "better" at alpha.
+    """
+    looks = look_schedule(first, cap)
+    active = list(looks)
+    while True:
+        levels = dict(zip(active, nominal_levels(tuple(active), alpha)))
+        dead = [n for n in active if min_p is not None and min_p(n) >= levels[n]]
+        if not dead or len(dead) == len(active):
+            break
+        active = [n for n in active if n not in dead]
+    final = levels[active[-1]]
+
+    def level(n: int) -> float:
+        if min_p is None or (n in levels and min_p(n) < levels[n]):
+            return levels[n]
+        return min(min_p(n), final)  # out of the plan: a level no result can get below
+
+    return looks, tuple(level(n) for n in looks)
+
+
+def level_at(n: int, first: int, cap: int, alpha: float, min_p: Callable[[int], float] | None = None) -> float:
     """The nominal one-sided level for a look at ``n`` pairs under the schedule ``first`` → ``cap``.
 
     A look off the schedule (the config changed between a run and its resume) is judged at the
     strictest level among scheduled looks at or below ``n``, which never spends more than alpha.
     """
-    looks = look_schedule(first, cap)
-    levels = nominal_levels(looks, alpha)
+    looks, levels = plan(first, cap, alpha, min_p)
     if n in looks:
         return levels[looks.index(n)]
     if n >= looks[-1]:

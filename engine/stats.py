@@ -1,8 +1,12 @@
 """Is a candidate really better than its parent, or is it noise?
 
 Why this shape: benchmark repeats are few (5–30), skewed and sometimes bimodal, so a rank test
-(one-sided Mann-Whitney U) decides *whether* there is a shift, and a bootstrap CI of the ratio of
-medians says *how big* it is. A candidate is "better" only if the shift is significant at the
+decides *whether* there is a shift, and a bootstrap CI of the ratio of medians says *how big* it
+is. The rank test is the one-sided Mann-Whitney U for two independent samples, or, when parent and
+candidate were timed in back-to-back pairs, the one-sided Wilcoxon signed-rank test on the pairs'
+log ratios, with the median ratio within a pair as the effect and its CI: shared machines drift
+between fast and slow spells that last seconds, and pairing cancels them
+(``benchmarks/noise_bench.py`` measures the difference). A candidate is "better" only if the shift is significant at the
 one-sided level ``alpha`` AND the CI's bound on the better side clears 1 (or 1 ± a practical
 margin). The CI is two-sided at 1 - 2·alpha, so each of its bounds is a one-sided bound at alpha,
 the same level as the test: the two halves of the decision agree instead of one silently being
@@ -16,11 +20,12 @@ Pure numpy/scipy; no I/O, no torch.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
-from scipy.stats import mannwhitneyu
+from scipy.stats import mannwhitneyu, wilcoxon
 
 Label = Literal["better", "no significant change", "worse"]
 
@@ -96,7 +101,57 @@ def _one_sided_p(x: np.ndarray, y: np.ndarray, alternative: str) -> float:
     """P-value that x is stochastically less/greater than y; 1.0 when the test cannot run."""
     if np.all(x == x[0]) and np.all(y == y[0]) and x[0] == y[0]:
         return 1.0  # identical constants: no evidence either way (scipy would warn)
-    return float(mannwhitneyu(x, y, alternative=alternative, method="auto").pvalue)
+    p = float(mannwhitneyu(x, y, alternative=alternative, method="auto").pvalue)
+    return max(p, smallest_p(y.size, x.size, paired=False))  # the normal approximation can undershoot
+
+
+def paired_differences(parent: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per pair, log(candidate / parent); plain differences when a value is not positive.
+
+    Log ratios because machine noise is multiplicative: a slow spell that makes both runs of a
+    pair 30 % slower leaves their log ratio unchanged.
+    """
+    if np.all(parent > 0) and np.all(candidate > 0):
+        return np.log(candidate / parent)
+    return candidate - parent
+
+
+def paired_ratio_ci(parent: np.ndarray, candidate: np.ndarray, *, alpha: float = 0.05, n_boot: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """The typical ratio within a pair and its percentile bootstrap (1 - alpha) CI, seeded.
+
+    The estimate is the median of the pairs' ratios (exp of the median log ratio), the effect the
+    signed-rank test is about; pairs are resampled whole. A ratio of the two sides' medians would
+    let a slow spell that hit parent and candidate alike widen the interval again. With values
+    that are not all positive, the median difference is expressed relative to the parent's median.
+    """
+    d = paired_differences(parent, candidate)
+    rng = np.random.default_rng(seed)
+    meds = np.median(d[rng.integers(0, d.size, size=(n_boot, d.size))], axis=1)
+    lo, hi = np.percentile(meds, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    if np.all(parent > 0) and np.all(candidate > 0):
+        return float(np.exp(np.median(d))), float(np.exp(lo)), float(np.exp(hi))
+    scale = abs(float(np.median(parent)))
+    if scale == 0:
+        return math.nan, math.nan, math.nan
+    return 1.0 + float(np.median(d)) / scale, 1.0 + float(lo) / scale, 1.0 + float(hi) / scale
+
+
+def _signed_rank_p(d: np.ndarray, alternative: str) -> float:
+    """One-sided Wilcoxon signed-rank p-value that the differences are less/greater than 0."""
+    if np.all(d == 0):
+        return 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ties or zeros: scipy switches to its normal approximation
+        p = float(wilcoxon(d, alternative=alternative, zero_method="wilcox", method="auto").pvalue)
+    return max(p, 0.5 ** int(np.count_nonzero(d)))  # the normal approximation can undershoot
+
+
+def smallest_p(n_parent: int, n_candidate: int, *, paired: bool) -> float:
+    """The smallest one-sided p-value the test can give at these sizes (all ranks on one side)."""
+    if paired:
+        return 0.5 ** min(n_parent, n_candidate)
+    return 1.0 / math.comb(n_parent + n_candidate, n_parent)
 
 
 def compare(
@@ -109,26 +164,42 @@ def compare(
     n_boot: int = 2000,
     seed: int = 0,
     filter_outliers: bool = False,
+    paired: bool = False,
 ) -> Verdict:
     """Decide better / no significant change / worse for one metric (see module doc).
 
     ``alpha`` is the one-sided level of this look. ``noise_floor`` is a relative margin
     (0.02 = 2 %) the CI must also clear; ``None`` means 0. With ``filter_outliers`` both samples
-    go through ``iqr_filter`` first.
+    go through ``iqr_filter`` first (not with ``paired``: it would break the pairs).
+
+    ``paired``: ``parent[i]`` and ``candidate[i]`` were timed back to back, so the test is the
+    Wilcoxon signed-rank test on the pairs' log ratios, ``ratio`` is the median ratio within a
+    pair, and the bootstrap resamples pairs (``paired_ratio_ci``). Noise
+    that drifts over seconds (a neighbour's job, clocks, thermals) then cancels within each pair
+    instead of swamping the comparison, as it does for the unpaired Mann-Whitney test.
     """
     if not 0.0 < alpha < 0.5:
         raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
     p = _clean(parent, "parent")
     c = _clean(candidate, "candidate")
-    if filter_outliers:
+    if paired and p.size != c.size:
+        raise ValueError(f"paired comparison needs as many parent as candidate runs ({p.size} vs {c.size})")
+    if filter_outliers and not paired:
         p, c = np.asarray(iqr_filter(p)), np.asarray(iqr_filter(c))
     floor = 0.0 if noise_floor is None else max(0.0, float(noise_floor))
     better_alt, worse_alt = ("less", "greater") if lower_is_better else ("greater", "less")
-    p_better = _one_sided_p(c, p, better_alt)
-    p_worse = _one_sided_p(c, p, worse_alt)
-    med_p = float(np.median(p))
-    ratio = float(np.median(c)) / med_p if med_p != 0 else math.nan
-    ci_low, ci_high = bootstrap_ratio_ci(p, c, alpha=2.0 * alpha, n_boot=n_boot, seed=seed)
+    if paired:
+        d = paired_differences(p, c)
+        p_better, p_worse = _signed_rank_p(d, better_alt), _signed_rank_p(d, worse_alt)
+    else:
+        p_better = _one_sided_p(c, p, better_alt)
+        p_worse = _one_sided_p(c, p, worse_alt)
+    if paired:
+        ratio, ci_low, ci_high = paired_ratio_ci(p, c, alpha=2.0 * alpha, n_boot=n_boot, seed=seed)
+    else:
+        med_p = float(np.median(p))
+        ratio = float(np.median(c)) / med_p if med_p != 0 else math.nan
+        ci_low, ci_high = bootstrap_ratio_ci(p, c, alpha=2.0 * alpha, n_boot=n_boot, seed=seed)
 
     label: Label = "no significant change"
     ci_known = not (math.isnan(ci_low) or math.isnan(ci_high))

@@ -159,8 +159,11 @@ def test_verdict_marks_and_line() -> None:
     assert node_label(view, nodes["5.3.1"], None).plain.startswith("✔ 5.3.1  7.5↑")
     assert node_label(view, nodes["5.4"], None).plain.startswith("✔ 5.4  11.8≈")
     assert verdict_line(nodes["5.3.1"].verdict) == (
-        "better vs 5.3: ratio 0.833 · 95% CI [0.810, 0.850] · p=0.004 · n=6/6 · noise ±1.0%")
+        "better vs 5.3: ratio 0.833 · 90.4% CI [0.810, 0.850] · p=0.004 · n=6/6 · A/A noise ±1.0%")
     assert verdict_line({"label": "worse"}) == "worse"
+    # A verdict written before the level was recorded says only "CI", never a level it did not have.
+    assert verdict_line({"label": "better", "ratio": 0.9, "ci_low": 0.8, "ci_high": 0.95}) == (
+        "better: ratio 0.900 · CI [0.800, 0.950]")
 
 
 def test_best_follows_credited_metrics() -> None:

@@ -329,3 +329,15 @@ def test_union_key_error_names_only_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path, overrides=["gpu.devices=0"])
     assert str(info.value).startswith("looptree.toml: gpu.devices: ")
+
+
+def test_a_comparison_that_can_never_call_anything_better_is_refused(tmp_path: Path) -> None:
+    message = error_of(tmp_path, MINIMAL, ["bench.repeats=3", "bench.max_repeats=3"])
+    assert message == ("looptree.toml: with 3 repeats per side, bench.test='paired' can never call a candidate "
+                       "better at bench.alpha=0.05; set bench.max_repeats to at least 5, or set "
+                       'bench.compare="off"')
+    # The same few repeats are fine when nothing is compared, or with enough pairs.
+    assert load_config(tmp_path, overrides=["bench.repeats=3", "bench.compare=off"]).bench.repeats == 3
+    assert load_config(tmp_path, overrides=["bench.repeats=3", "bench.max_repeats=5"]).bench.test == "paired"
+    assert load_config(tmp_path, overrides=["bench.repeats=4", "bench.max_repeats=4",
+                                            "bench.test=mann-whitney"]).bench.max_repeats == 4

@@ -21,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_projects" / "hotloop"
-FAST = ["bench.repeats=2", "bench.max_repeats=4", "search.num_phases=2"]
+FAST = ["bench.repeats=2", "bench.max_repeats=5", "search.num_phases=2"]
 # Crash/resume semantics do not depend on the interleaved comparison: keep those runs short.
 QUICK = ["bench.repeats=1", "bench.compare=off", "search.num_phases=2"]
 
