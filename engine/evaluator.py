@@ -8,8 +8,9 @@ while the bench still runs.
 Acceptance under noise: when a reference (the parent's worktree) is given, parent and candidate
 bench runs alternate back to back (P C C P P C …, so slow drift hits both sides alike), and
 `engine.stats.compare` decides "better" / "no significant change" / "worse" on the leading metric
-with a noise floor measured from the parent against itself. Close calls get more repeats, up to
-`bench.max_repeats`.
+(by default a signed-rank test on the back-to-back pairs). Close calls get more repeats, up to
+`bench.max_repeats`, each look at its own level from `engine.sequential` (alpha spending). The
+parent's runs against themselves give the A/A noise figure recorded beside the verdict.
 """
 
 from __future__ import annotations
