@@ -41,6 +41,8 @@ from gpu.telemetry import TelemetryBackend, choose_backend, sample_loop
 CONTROL_POLL_S = 0.2
 
 
+KILL_RECHECK_S = 1.0  # how often a kill that has not taken effect is repeated
+
 class _nullcontext:
     async def __aenter__(self) -> None:
         return None
@@ -687,6 +689,20 @@ class Engine:
         if task is not None and not task.done():
             self.killed.add(node_id)
             task.cancel()
+            asyncio.get_running_loop().call_later(KILL_RECHECK_S, self._kill_again, node_id, task)
+
+    def _kill_again(self, node_id: str, task: asyncio.Task[Any]) -> None:
+        """Cancel again until the node's task is gone.
+
+        A cancellation can be swallowed: on Python 3.11 `asyncio.wait_for` returns the inner
+        result when it finishes at the moment the cancel lands. A killed node must not run on
+        into a 30-minute benchmark because of that; `engine.procs` survives a second cancel
+        during its cleanup (it then kills the process group synchronously).
+        """
+        if task.done() or self.node_tasks.get(node_id) is not task:
+            return
+        task.cancel()
+        asyncio.get_running_loop().call_later(KILL_RECHECK_S, self._kill_again, node_id, task)
 
     def _start_fork(self, fork: dict[str, Any]) -> None:
         parent = fork["id"]

@@ -453,8 +453,11 @@ async def _run(
             await asyncio.wait({wait_task}, timeout=step)
             if on_tick is not None and not wait_task.done():
                 try:
-                    await asyncio.wait_for(on_tick(), max(deadline - time.monotonic(), 0.01))
-                except asyncio.TimeoutError:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result and
+                    # drops a cancellation that lands as the hook finishes, so a killed node ran on.
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
+                        await on_tick()
+                except TimeoutError:
                     timed_out = True  # the hook ate the rest of the time budget
                     break
         if timed_out:

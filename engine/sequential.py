@@ -102,8 +102,8 @@ def plan(first: int, cap: int, alpha: float,
     ``min_p(n)`` is the smallest p-value the test can give at ``n`` pairs (a rank test on 5 pairs
     cannot go below 1/32). A look where even that cannot reach its level is taken out of the plan
     before any data is seen, so it spends no alpha and the later looks get it; at such a look the
-    level returned is ``min_p(n)`` (at most the final level), which no result can get below. Fixed in advance, the plan
-    keeps the overall chance of a false "better" at alpha.
+    level returned is ``min_p(n)`` (at most the final level), which no result can get below.
+    Fixed in advance, the plan keeps the overall chance of a false "better" at alpha.
     """
     looks = look_schedule(first, cap)
     active = list(looks)
