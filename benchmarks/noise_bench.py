@@ -65,8 +65,8 @@ if str(REPO) not in sys.path:  # run as a plain script from anywhere
 from engine.config import Config, validate_config  # noqa: E402
 from engine.evaluator import Evaluator  # noqa: E402
 from engine.metrics import MetricSpec  # noqa: E402
-from engine.sequential import level_at  # noqa: E402
-from engine.stats import Verdict, adaptive_repeats, compare, noise_floor, smallest_p  # noqa: E402
+from engine.sequential import look_level  # noqa: E402
+from engine.stats import Verdict, adaptive_repeats, compare, noise_floor  # noqa: E402
 
 TARGET_FALSE_BETTER = 0.05
 TARGET_DETECTION = 0.80
@@ -234,7 +234,7 @@ def make_policy(start: int, cap: int, floor: Callable[[list[float]], float | Non
 
 def spending(repeats: int, cap: int, alpha: float, paired: bool) -> Callable[[int], float]:
     """The per-look level `_judge` uses: O'Brien-Fleming spending, looks the test cannot pass dropped."""
-    return lambda n: level_at(n, repeats, cap, alpha, min_p=lambda k: smallest_p(k, k, paired=paired))
+    return lambda n: look_level(n, repeats, cap, alpha, paired=paired)
 
 
 def policies(repeats: int, cap: int, alpha: float, test: str = "paired") -> dict[str, Policy]:
@@ -334,7 +334,7 @@ def report(trials: list[Trial], args: argparse.Namespace) -> dict[str, Any]:
                     reason = miss_reason(t)
                     misses[reason] = misses.get(reason, 0) + 1
             if misses:
-                print(f"    missed because: " + "; ".join(f"{k}: {v}" for k, v in sorted(misses.items())))
+                print("    missed because: " + "; ".join(f"{k}: {v}" for k, v in sorted(misses.items())))
             sp["miss_reasons"] = misses
     loads = [t.load1 for t in trials]
     print(f"\nload average (1 min) during the trials: min {min(loads):.2f}, median {statistics.median(loads):.2f}, "

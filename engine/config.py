@@ -240,14 +240,13 @@ def _check_significance_reachable(config: Config, source: str) -> None:
     bench = config.bench
     if bench.compare != "interleaved":
         return
-    from engine.sequential import level_at  # local: scipy is only needed for this check
+    from engine.sequential import look_level  # local: scipy is only needed for this check
     from engine.stats import smallest_p
 
     paired = bench.test == "paired"
 
     def reachable(cap: int) -> bool:
-        min_p = lambda n: smallest_p(n, n, paired=paired)  # noqa: E731
-        return min_p(cap) < level_at(cap, bench.repeats, cap, bench.alpha, min_p=min_p)
+        return smallest_p(cap, cap, paired=paired) < look_level(cap, bench.repeats, cap, bench.alpha, paired=paired)
 
     cap = max(bench.repeats, bench.max_repeats)
     if reachable(cap):

@@ -236,8 +236,8 @@ class Evaluator:
     def _judge(self, parent_rows: list[list[dict[str, float]]], cand_rows: list[list[dict[str, float]]],
                specs: list[MetricSpec], first: int, cap: int) -> tuple[dict[str, Any], int]:
         """Verdict on the leading metric from per-repeat medians, and how many more pairs to run."""
-        from engine.sequential import level_at
-        from engine.stats import adaptive_repeats, compare, noise_floor, smallest_p
+        from engine.sequential import look_level
+        from engine.stats import adaptive_repeats, compare, noise_floor
 
         lead = specs[0]
         parent = [_median([r[lead.column] for r in rows]) for rows in parent_rows]
@@ -253,7 +253,7 @@ class Evaluator:
         # Runs were timed in back-to-back pairs (P C, C P, …): the paired test cancels slow spells
         # that hit both runs of a pair (bench.test, default "paired").
         paired = bench.test == "paired"
-        level = level_at(len(cand), first, cap, bench.alpha, min_p=lambda n: smallest_p(n, n, paired=paired))
+        level = look_level(len(cand), first, cap, bench.alpha, paired=paired)
         result = compare(parent, cand, lower_is_better=not lead.higher_is_better, alpha=level,
                          noise_floor=bench.min_effect, paired=paired)
         more = adaptive_repeats(result, max_repeats=cap)
