@@ -17,7 +17,9 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -62,6 +64,19 @@ def log_text(lines: list[tuple[str, str]]) -> Text:
     return text
 
 
+@dataclass(frozen=True)
+class Periods:
+    """Seconds between firings of each periodic task (tests shorten them to see every one fire).
+
+    `events` is not here: it follows `refresh_hz`.
+    """
+
+    gc_freeze: float = 300.0
+    spinner: float = 0.25
+    clock: float = 1.0
+    engine_lock: float = 2.0
+
+
 def frozen_from_env() -> float | None:
     raw = os.environ.get(FROZEN_ENV, "").strip()
     if not raw:
@@ -83,7 +98,8 @@ class LooptreeApp(DashboardActions, App[int]):
 
     def __init__(self, run_dir: Path | str, *, mode: Mode = "live", speed: float = 1.0, autoplay: bool = True,
                  frozen_time: float | None = None, keymap: dict[str, str] | None = None,
-                 refresh_hz: float | None = None, freeze_gc: bool = False) -> None:
+                 refresh_hz: float | None = None, freeze_gc: bool = False,
+                 periods: Periods | None = None) -> None:
         super().__init__()
         if mode not in ("live", "replay"):
             raise LooptreeError(f"dashboard mode must be live or replay, not {mode!r}")
@@ -99,6 +115,9 @@ class LooptreeApp(DashboardActions, App[int]):
         # UI for 100-300 ms. Freezing them after the load (and every few minutes) keeps the
         # collector on young objects only. Off by default: it is process-wide (tests share one).
         self.freeze_gc = freeze_gc
+        self.periods = periods or Periods()
+        #: how often each periodic task has run: the long-session test reads it
+        self.timer_firings: Counter[str] = Counter()
         self.view = RunView()
         self.cursor: ReplayCursor | None = None
         self.engine_alive: bool | None = None
@@ -188,17 +207,33 @@ class LooptreeApp(DashboardActions, App[int]):
         self._redraw(force=True)  # also selects the first node
         if self.freeze_gc:
             gc.freeze()
-            self._my_timers.append(self.set_interval(300.0, gc.freeze, name="gc-freeze"))
-        period = 1.0 / self.refresh_hz
+            self._every(self.periods.gc_freeze, self._freeze_gc, "gc-freeze")
         tick = self._live_tick if self.mode == "live" else self._replay_tick
         self._last_tick = time.monotonic()
-        self._my_timers.append(self.set_interval(period, tick, name="events"))
+        self._every(1.0 / self.refresh_hz, tick, "events")
         if self.frozen_time is None:
-            self._my_timers.append(self.set_interval(0.25, self._spin, name="spinner"))
-            self._my_timers.append(self.set_interval(1.0, self._clock, name="clock"))
+            self._every(self.periods.spinner, self._spin, "spinner")
+            self._every(self.periods.clock, self._clock, "clock")
         if self.mode == "live":
-            self._my_timers.append(self.set_interval(2.0, self._check_engine, name="engine-lock"))
+            self._every(self.periods.engine_lock, self._check_engine, "engine-lock")
         self._refresh_footer()
+
+    def _every(self, period: float, callback: Callable[[], object], name: str) -> None:
+        """Run `callback` every `period` seconds, counted in `timer_firings`.
+
+        Why a wrapper: Textual's timer inspects its callback (`__func__`), so a builtin such as
+        `gc.freeze` handed to `set_interval` crashed every session when it first fired (after
+        300 s). Every periodic task goes through this one Python function instead.
+        """
+
+        def fire() -> object:
+            self.timer_firings[name] += 1
+            return callback()
+
+        self._my_timers.append(self.set_interval(period, fire, name=name))
+
+    def _freeze_gc(self) -> None:
+        gc.freeze()
 
     def _live_tick(self) -> None:
         if not self._alive():
