@@ -10,19 +10,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.dashboard import LooptreeApp
-    from app.main import run_dashboard
+    from looptree.app.dashboard import LooptreeApp
+    from looptree.app.main import run_dashboard
 
 __all__ = ["LooptreeApp", "run_dashboard"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "run_dashboard":
-        from app.main import run_dashboard
+        from looptree.app.main import run_dashboard
 
         return run_dashboard
     if name == "LooptreeApp":
-        from app.dashboard import LooptreeApp
+        from looptree.app.dashboard import LooptreeApp
 
         return LooptreeApp
     raise AttributeError(f"module 'app' has no attribute {name!r}")

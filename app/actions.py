@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING, Any
 
 from textual.binding import Binding, BindingType
 
-from app.model import RUNNING, RunView
-from app.replay import ReplayCursor, parse_seek
-from app.screens import ConfirmScreen, HelpScreen, PromptScreen
-from engine.control import append_control, make_command
-from engine.errors import LooptreeError
-from engine.state import NodeState
+from looptree.app.model import RUNNING, RunView
+from looptree.app.replay import ReplayCursor, parse_seek
+from looptree.app.screens import ConfirmScreen, HelpScreen, PromptScreen
+from looptree.engine.control import append_control, make_command
+from looptree.engine.errors import LooptreeError
+from looptree.engine.state import NodeState
 
 if TYPE_CHECKING:
     from textual.app import App
 
-    from app.replay import Seek
-    from app.widgets.run_tree import RunTree
+    from looptree.app.replay import Seek
+    from looptree.app.widgets.run_tree import RunTree
 
     _AppBase = App[int]  # so type checkers see notify, push_screen, set_timer… on the mixin
 else:

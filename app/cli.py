@@ -11,13 +11,13 @@ from pathlib import Path
 
 
 def _dashboard(run_dir: Path, **kwargs: object) -> int:
-    from app.main import run_dashboard
+    from looptree.app.main import run_dashboard
 
     return run_dashboard(run_dir, **kwargs)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import main as engine_main
+    from looptree.engine.cli import main as engine_main
 
     return engine_main(argv, dashboard=_dashboard)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 if TYPE_CHECKING:
-    from app.dashboard import LooptreeApp
+    from looptree.app.dashboard import LooptreeApp
 
 
 class LooptreeCommands(Provider):

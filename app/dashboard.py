@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import styles
+from looptree import styles
 from rich.text import Text
 from textual import constants, on
 from textual.app import App, ComposeResult
@@ -33,18 +33,18 @@ from textual.timer import Timer
 from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane, Tree
 from textual.worker import Worker, WorkerState
 
-from app.actions import BINDINGS, DashboardActions
-from app.commands import LooptreeCommands
-from app.files import DiffCache, parent_commit
-from app.labels import budget_text, header_text
-from app.model import RunView, now_or_frozen
-from app.replay import ReplayCursor, Seek
-from app.widgets.detail import DetailPanel, diff_renderable, info_text, logs_renderable
-from app.widgets.panels import GpuPanel, LiveRows, MetricPlot
-from app.widgets.run_tree import RunTree
-from engine.errors import LooptreeError
-from engine.events import EVENTS_NAME, EventTail, RunLock, read_events
-from engine.state import NodeState
+from looptree.app.actions import BINDINGS, DashboardActions
+from looptree.app.commands import LooptreeCommands
+from looptree.app.files import DiffCache, parent_commit
+from looptree.app.labels import budget_text, header_text
+from looptree.app.model import RunView, now_or_frozen
+from looptree.app.replay import ReplayCursor, Seek
+from looptree.app.widgets.detail import DetailPanel, diff_renderable, info_text, logs_renderable
+from looptree.app.widgets.panels import GpuPanel, LiveRows, MetricPlot
+from looptree.app.widgets.run_tree import RunTree
+from looptree.engine.errors import LooptreeError
+from looptree.engine.events import EVENTS_NAME, EventTail, RunLock, read_events
+from looptree.engine.state import NodeState
 
 Mode = Literal["live", "replay"]
 CSS_FILE = Path(styles.__file__).parent / "dashboard.tcss"

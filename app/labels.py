@@ -13,8 +13,8 @@ from typing import Any
 
 from rich.text import Text
 
-from app.model import RUNNING, RunView, fmt_duration, fmt_num, fmt_tokens, improvement, run_status
-from engine.state import NodeState
+from looptree.app.model import RUNNING, RunView, fmt_duration, fmt_num, fmt_tokens, improvement, run_status
+from looptree.engine.state import NodeState
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 GLYPHS: dict[str, tuple[str, str]] = {

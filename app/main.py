@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from engine.errors import LooptreeError
-from engine.events import EVENTS_NAME
+from looptree.engine.errors import LooptreeError
+from looptree.engine.events import EVENTS_NAME
 
 COLOR_SYSTEMS = {"auto": None, "truecolor": "truecolor", "256": "256", "16": "standard", "none": None}
 
@@ -52,7 +52,7 @@ def run_dashboard(run_dir: Path, *, mode: Literal["live", "replay"] = "live", sp
     if mode == "replay" and not (run_dir / EVENTS_NAME).is_file():
         raise LooptreeError(f"{run_dir} has no {EVENTS_NAME} to replay")
     apply_color_option(color)
-    from app.dashboard import LooptreeApp  # after the colour variables are set
+    from looptree.app.dashboard import LooptreeApp  # after the colour variables are set
 
     app = LooptreeApp(run_dir, mode=mode, speed=speed, freeze_gc=True)
     app.run()

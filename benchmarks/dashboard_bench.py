@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.dashboard import LooptreeApp  # noqa: E402
-from app.synthetic import stream_events  # noqa: E402
+from looptree.app.dashboard import LooptreeApp  # noqa: E402
+from looptree.app.synthetic import stream_events  # noqa: E402
 
 EVENTS_PER_NODE = 20  # a rough upper bound, to size the synthetic run
 

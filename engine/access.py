@@ -24,7 +24,7 @@ from typing import Literal
 
 from wcmatch import glob
 
-from engine.errors import ConfigError, EditRejected
+from looptree.engine.errors import ConfigError, EditRejected
 
 Kind = Literal["writable", "readonly", "hidden", "outside"]
 

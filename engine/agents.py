@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.config import Config
-from engine.errors import ConfigError
-from engine.llm.budget import BudgetedBackend, TokenBudget
-from engine.llm.pricing import PriceTable
-from engine.llm.types import LLMBackend, LLMError, LLMRequest, LLMResponse
+from looptree.engine.config import Config
+from looptree.engine.errors import ConfigError
+from looptree.engine.llm.budget import BudgetedBackend, TokenBudget
+from looptree.engine.llm.pricing import PriceTable
+from looptree.engine.llm.types import LLMBackend, LLMError, LLMRequest, LLMResponse
 
 
 def model_for(config: Config, role: str) -> str:
@@ -25,11 +25,11 @@ def model_for(config: Config, role: str) -> str:
 
 def make_backend(config: Config, project_dir: Path, run_dir: Path) -> LLMBackend:
     """The configured backend; every call it makes is recorded under the run's `llm/`."""
-    from engine.llm.recorder import CallRecorder
+    from looptree.engine.llm.recorder import CallRecorder
 
     recorder = CallRecorder(run_dir / "llm")
     if config.agent.provider == "replay":
-        from engine.llm.replay import ReplayBackend
+        from looptree.engine.llm.replay import ReplayBackend
 
         cassette = Path(config.agent.cassette)
         if not cassette.is_absolute():
@@ -37,9 +37,9 @@ def make_backend(config: Config, project_dir: Path, run_dir: Path) -> LLMBackend
         if not cassette.exists():
             raise ConfigError(f"agent.cassette {config.agent.cassette!r} not found (provider 'replay' plays it back)")
         return ReplayBackend(cassette, recorder=recorder)
-    from engine.llm.openai_backend import OpenAIBackend
-    from engine.llm.providers import resolve_endpoint
-    from engine.llm.ratelimit import RateLimiter
+    from looptree.engine.llm.openai_backend import OpenAIBackend
+    from looptree.engine.llm.providers import resolve_endpoint
+    from looptree.engine.llm.ratelimit import RateLimiter
 
     endpoint = resolve_endpoint(config.agent.provider, config.agent.base_url, config.agent.api_key_env)
     limiter = RateLimiter(config.budget.requests_per_minute, config.budget.tokens_per_minute)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from engine.errors import LooptreeError
+from looptree.engine.errors import LooptreeError
 
 EPILOG = """\
 KEY=VALUE overrides any config key by its dotted path, e.g. search.num_samples=10
@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The dashboard is plugged in by the console script (`app.cli:main`): the engine never imports
-# the UI, and `python -m engine.cli` is the headless build of the same command.
+# The dashboard is plugged in by the console script (`looptree.app.cli:main`): the engine never imports
+# the UI, and `python -m looptree.engine.cli` is the headless build of the same command.
 Dashboard = Callable[..., int]
 _dashboard: Dashboard | None = None
 
@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None, *, dashboard: Dashboard | None = None) -
 
 # -- init ------------------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
-    from engine.init import write_config
+    from looptree.engine.init import write_config
 
-    from engine import gitops
+    from looptree.engine import gitops
 
     path = write_config(Path(args.dir))
     asyncio.run(gitops.open_repo(path.parent))  # the tree's commits need a repository (contract)
@@ -162,7 +162,7 @@ def _wants_tui(args: argparse.Namespace) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine.config import load_config
+    from looptree.engine.config import load_config
 
     project = Path(args.dir).resolve()
     if not project.is_dir():
@@ -175,25 +175,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _create(project: Path, config, run_dir: Path | None):
-    from engine.engine import Engine
+    from looptree.engine.engine import Engine
 
     return await Engine.create(project, config, run_dir=run_dir)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from engine.runs import resolve_run_dir
+    from looptree.engine.runs import resolve_run_dir
 
     run_dir = resolve_run_dir(args.run_dir)
     if _wants_tui(args):
         return _spawn_and_attach(["resume", str(run_dir), "--no-tui"], run_dir, args.color)
-    from engine.engine import Engine
+    from looptree.engine.engine import Engine
 
     return asyncio.run(_drive(lambda: Engine.reopen(run_dir), json_mode=args.json))
 
 
 async def _drive(make_engine, *, json_mode: bool) -> int:
     """Run an engine headless; SIGINT/SIGTERM ask for a clean stop, a second one forces it."""
-    from engine.headless import drive
+    from looptree.engine.headless import drive
 
     engine = await make_engine()
     reason = (await drive(engine, json_mode=json_mode)).reason
@@ -203,7 +203,7 @@ async def _drive(make_engine, *, json_mode: bool) -> int:
 
 def _run_with_dashboard(args: argparse.Namespace, project: Path, config) -> int:
     """Start the engine as its own process (it outlives the dashboard and the SSH session), then attach."""
-    from engine.engine import allocate_run_dir
+    from looptree.engine.engine import allocate_run_dir
 
     run_dir = allocate_run_dir(project)
     argv = ["run", str(project), "--no-tui", "--run-dir", str(run_dir), *args.overrides]
@@ -215,7 +215,7 @@ def _run_with_dashboard(args: argparse.Namespace, project: Path, config) -> int:
 def _spawn_and_attach(argv: list[str], run_dir: Path, color: str | None) -> int:
     log_path = run_dir / "engine.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *argv], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", "looptree.engine.cli", *argv], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True, cwd=os.getcwd())
     deadline = time.monotonic() + 60
     events = run_dir / "events.jsonl"
@@ -236,14 +236,14 @@ def _spawn_and_attach(argv: list[str], run_dir: Path, color: str | None) -> int:
 
 # -- viewers -----------------------------------------------------------------------------------
 def cmd_attach(args: argparse.Namespace) -> int:
-    from engine.runs import resolve_run_dir
+    from looptree.engine.runs import resolve_run_dir
 
     run_dir = resolve_run_dir(args.run_dir)
     return _run_dashboard(run_dir, mode="live", color=args.color)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from engine.runs import resolve_run_dir
+    from looptree.engine.runs import resolve_run_dir
 
     run_dir = resolve_run_dir(args.run_dir)
     if args.speed <= 0:
@@ -254,9 +254,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _replay_headless(run_dir: Path, speed: float) -> int:
-    from engine.events import read_events
-    from engine.printer import Printer
-    from engine.state import RunState
+    from looptree.engine.events import read_events
+    from looptree.engine.printer import Printer
+    from looptree.engine.state import RunState
 
     state = RunState()
     printer = Printer(state)
@@ -271,16 +271,16 @@ def _replay_headless(run_dir: Path, speed: float) -> int:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from engine.control import NEEDS_ID, append_control, make_command
-    from engine.events import RunLock
-    from engine.runs import resolve_run_dir
+    from looptree.engine.control import NEEDS_ID, append_control, make_command
+    from looptree.engine.events import RunLock
+    from looptree.engine.runs import resolve_run_dir
 
     run_dir = resolve_run_dir(args.run_dir)
     record = make_command(args.cmd, args.arg if args.cmd in NEEDS_ID else None, hint=args.hint,
                           tokens=args.arg if args.cmd == "budget" else None)
     if args.cmd in NEEDS_ID:
-        from engine.events import read_events
-        from engine.state import RunState
+        from looptree.engine.events import read_events
+        from looptree.engine.state import RunState
 
         state = RunState.from_events(read_events(run_dir / "events.jsonl"))
         if args.arg not in state.nodes:
@@ -293,10 +293,10 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
-    from engine.events import read_events
-    from engine.report import render_tree, tree_json
-    from engine.runs import resolve_run_dir
-    from engine.state import RunState
+    from looptree.engine.events import read_events
+    from looptree.engine.report import render_tree, tree_json
+    from looptree.engine.runs import resolve_run_dir
+    from looptree.engine.state import RunState
 
     run_dir = resolve_run_dir(args.run_dir)
     state = RunState.from_events(read_events(run_dir / "events.jsonl"))
@@ -308,11 +308,11 @@ def cmd_tree(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from engine import gitops
-    from engine.events import read_events
-    from engine.report import render_show
-    from engine.runs import resolve_run_dir
-    from engine.state import RunState
+    from looptree.engine import gitops
+    from looptree.engine.events import read_events
+    from looptree.engine.report import render_show
+    from looptree.engine.runs import resolve_run_dir
+    from looptree.engine.state import RunState
 
     run_dir = resolve_run_dir(args.run_dir)
     state = RunState.from_events(read_events(run_dir / "events.jsonl"))
@@ -337,7 +337,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from engine.evalonly import eval_refs
+    from looptree.engine.evalonly import eval_refs
 
     return asyncio.run(eval_refs(Path(args.dir).resolve(), args.refs, repeats=args.repeats,
                                  config_file=Path(args.config).resolve() if args.config else None, json_mode=args.json))
@@ -345,14 +345,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_kernelbench(args: argparse.Namespace) -> int:
     try:
-        from engine.kernelbench_cli import run_kernelbench
+        from looptree.engine.kernelbench_cli import run_kernelbench
     except ImportError:
         raise LooptreeError("kernelbench support is not installed in this build") from None
     return run_kernelbench(args)
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
-    from gpu.telemetry import choose_backend, format_gpus
+    from looptree.gpu.telemetry import choose_backend, format_gpus
 
     backend = choose_backend("auto")
     try:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine.errors import ConfigError
+from looptree.engine.errors import ConfigError
 
 CONFIG_NAME = "looptree.toml"
 
@@ -240,8 +240,8 @@ def _check_significance_reachable(config: Config, source: str) -> None:
     bench = config.bench
     if bench.compare != "interleaved":
         return
-    from engine.sequential import look_level  # local: scipy is only needed for this check
-    from engine.stats import smallest_p
+    from looptree.engine.sequential import look_level  # local: scipy is only needed for this check
+    from looptree.engine.stats import smallest_p
 
     paired = bench.test == "paired"
 
@@ -259,7 +259,7 @@ def _check_significance_reachable(config: Config, source: str) -> None:
 
 def check_patterns(config: Config, project_dir: Path) -> None:
     """A writable pattern that matches no file is almost always a typo: refuse it before spending tokens."""
-    from engine.access import AccessPolicy  # local: access imports nothing from config
+    from looptree.engine.access import AccessPolicy  # local: access imports nothing from config
 
     policy = AccessPolicy(config.project.writable, config.project.readonly, config.project.hidden)
     missing = policy.unmatched_patterns(project_dir)

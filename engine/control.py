@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import LooptreeError
+from looptree.engine.errors import LooptreeError
 
 CONTROL_NAME = "control.jsonl"
 COMMANDS = ("pause", "resume", "stop", "prune", "pin", "unpin", "fork", "budget", "kill")

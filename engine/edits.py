@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-from engine.access import AccessPolicy
-from engine.errors import EditError, EditParseError, SearchNotFound
+from looptree.engine.access import AccessPolicy
+from looptree.engine.errors import EditError, EditParseError, SearchNotFound
 
 MAX_WHOLE_FILE_LINES = 400
 MAX_DESCRIPTION_CHARS = 300

@@ -19,24 +19,24 @@ from typing import Any
 
 import tomli_w
 
-from engine import gitops, search
-from engine.access import AccessPolicy
-from engine.agents import AgentCaller, make_backend
-from engine.config import Config, check_patterns, validate_config
-from engine.control import ControlTail, parse_budget
-from engine.edits import apply_edits, parse_change_reply
-from engine.errors import BudgetExhausted, EditError, GitError, LooptreeError
-from engine.evaluator import EvalOutcome, Evaluator
-from engine.events import EventLog, RunLock, read_events
-from engine.llm.budget import TokenBudget
-from engine.llm.types import LLMBackend
-from engine.metrics import MetricSpec, parse_header
-from engine.procs import Limits, kill_jobs_with_prefix
-from engine.prompts import PromptBuilder, format_results, load_templates, parse_ideas, prompt_hash
-from engine.runs import node_dir, runs_root, worktrees_root
-from engine.state import NodeState, RunState
-from gpu.slots import DeviceSlots, env_for, parse_devices
-from gpu.telemetry import TelemetryBackend, choose_backend, sample_loop
+from looptree.engine import gitops, search
+from looptree.engine.access import AccessPolicy
+from looptree.engine.agents import AgentCaller, make_backend
+from looptree.engine.config import Config, check_patterns, validate_config
+from looptree.engine.control import ControlTail, parse_budget
+from looptree.engine.edits import apply_edits, parse_change_reply
+from looptree.engine.errors import BudgetExhausted, EditError, GitError, LooptreeError
+from looptree.engine.evaluator import EvalOutcome, Evaluator
+from looptree.engine.events import EventLog, RunLock, read_events
+from looptree.engine.llm.budget import TokenBudget
+from looptree.engine.llm.types import LLMBackend
+from looptree.engine.metrics import MetricSpec, parse_header
+from looptree.engine.procs import Limits, kill_jobs_with_prefix
+from looptree.engine.prompts import PromptBuilder, format_results, load_templates, parse_ideas, prompt_hash
+from looptree.engine.runs import node_dir, runs_root, worktrees_root
+from looptree.engine.state import NodeState, RunState
+from looptree.gpu.slots import DeviceSlots, env_for, parse_devices
+from looptree.gpu.telemetry import TelemetryBackend, choose_backend, sample_loop
 
 CONTROL_POLL_S = 0.2
 
@@ -123,7 +123,7 @@ class Engine:
         project_dir = project_dir.resolve()
         check_patterns(config, project_dir)
         if backend is None and config.agent.provider != "replay":
-            from engine.llm.providers import resolve_endpoint
+            from looptree.engine.llm.providers import resolve_endpoint
 
             resolve_endpoint(config.agent.provider, config.agent.base_url, config.agent.api_key_env)
         repo = await gitops.open_repo(project_dir)

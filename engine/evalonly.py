@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from engine import gitops
-from engine.config import load_config
-from engine.evaluator import Evaluator
-from engine.metrics import MetricSpec
+from looptree.engine import gitops
+from looptree.engine.config import load_config
+from looptree.engine.evaluator import Evaluator
+from looptree.engine.metrics import MetricSpec
 
 _NODE_ID = re.compile(r"^\d+(\.\d+)*$")
 
@@ -34,9 +34,9 @@ async def eval_refs(project: Path, refs: list[str], *, repeats: int | None, conf
         name = f"looptree/{ref}" if _NODE_ID.match(ref) else ref
         targets.append((ref, await gitops.resolve_ref(repo, name)))
     # The same limits and device pinning as a run, so the numbers are comparable.
-    from engine.procs import Limits
-    from gpu.slots import env_for, parse_devices
-    from gpu.telemetry import choose_backend
+    from looptree.engine.procs import Limits
+    from looptree.gpu.slots import env_for, parse_devices
+    from looptree.gpu.telemetry import choose_backend
 
     evaluator = Evaluator(config, Limits(cpu_seconds=config.bench.cpu_limit_s or None,
                                          address_space_mb=config.bench.memory_limit_mb or None,

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.config import Config
-from engine.errors import MetricsError
-from engine.metrics import Aggregate, CsvTail, MetricSpec, aggregate
-from engine.procs import Limits, ProcResult, run_command
+from looptree.engine.config import Config
+from looptree.engine.errors import MetricsError
+from looptree.engine.metrics import Aggregate, CsvTail, MetricSpec, aggregate
+from looptree.engine.procs import Limits, ProcResult, run_command
 
 Emit = Callable[..., Any]
 KEY_VARIABLES = ("OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "OPENROUTER_API_KEY", "CBORG_API_KEY",
@@ -236,8 +236,8 @@ class Evaluator:
     def _judge(self, parent_rows: list[list[dict[str, float]]], cand_rows: list[list[dict[str, float]]],
                specs: list[MetricSpec], first: int, cap: int) -> tuple[dict[str, Any], int]:
         """Verdict on the leading metric from per-repeat medians, and how many more pairs to run."""
-        from engine.sequential import look_level
-        from engine.stats import adaptive_repeats, compare, noise_floor
+        from looptree.engine.sequential import look_level
+        from looptree.engine.stats import adaptive_repeats, compare, noise_floor
 
         lead = specs[0]
         parent = [_median([r[lead.column] for r in rows]) for rows in parent_rows]

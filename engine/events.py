@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from engine.errors import LooptreeError, RunLockedError
+from looptree.engine.errors import LooptreeError, RunLockedError
 
 EVENTS_NAME = "events.jsonl"
 LOCK_NAME = "engine.lock"

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import GitError
+from looptree.engine.errors import GitError
 
 GIT_TIMEOUT = 120.0
 IDENTITY = {

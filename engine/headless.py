@@ -12,8 +12,8 @@ import os
 import signal
 from dataclasses import dataclass
 
-from engine.events import read_events
-from engine.printer import Printer
+from looptree.engine.events import read_events
+from looptree.engine.printer import Printer
 
 
 @dataclass

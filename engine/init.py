@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import CONFIG_NAME
-from engine.errors import LooptreeError
+from looptree.engine.config import CONFIG_NAME
+from looptree.engine.errors import LooptreeError
 
 TEMPLATE = '''\
 # looptree.toml: what to improve, what the agents may touch, how to measure.

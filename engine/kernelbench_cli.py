@@ -4,7 +4,7 @@
                          [--solutions DIR]] [KEY=VALUE ...]
 
 Each problem becomes a small project under ``--out`` (default ``./kernelbench_runs/level{L}``,
-see ``gpu.kernelbench.make_task_project``) and gets an ordinary headless looptree run whose
+see ``looptree.gpu.kernelbench.make_task_project``) and gets an ordinary headless looptree run whose
 agent rewrites ``solution.py``. Tasks run one after another: their benchmarks time a GPU and
 must not overlap. ``--eval-only`` runs no agent: it runs each project's bench command once,
 timing the reference (eager and ``torch.compile``) and, with ``--solutions DIR``, the file
@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.config import Config, load_config
-from engine.errors import ConfigError, LooptreeError
-from gpu.kernelbench import (
+from looptree.engine.config import Config, load_config
+from looptree.engine.errors import ConfigError, LooptreeError
+from looptree.gpu.kernelbench import (
     COMPILE,
     EAGER,
     FAST_P,
@@ -161,7 +161,7 @@ def check_agent(config: Config, project: Path) -> None:
                 "environment), or agent.cassette=FILE to replay recorded replies, or use --eval-only"
             )
         return
-    from engine.llm.providers import resolve_endpoint
+    from looptree.engine.llm.providers import resolve_endpoint
 
     resolve_endpoint(agent.provider, agent.base_url, agent.api_key_env)
 
@@ -218,7 +218,7 @@ def _quote(text: str) -> str:
 
 
 async def _run_bench(command: str, project: Path, timeout: float) -> Any:
-    from engine.procs import run_command
+    from looptree.engine.procs import run_command
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPTREE_JOB", "GIT_"))}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -282,7 +282,7 @@ def _num(value: Any) -> float | None:
 
 async def agent_task(problem: Problem, project: Path, config: Config) -> tuple[TaskResult, bool]:
     """One headless looptree run on the task's project; returns its result and whether the user stopped it."""
-    from engine.engine import Engine
+    from looptree.engine.engine import Engine
 
     result = TaskResult(task=problem.stem, number=problem.number, project=str(project))
     try:
@@ -290,7 +290,7 @@ async def agent_task(problem: Problem, project: Path, config: Config) -> tuple[T
     except LooptreeError as exc:
         result.error, result.reason = True, str(exc)
         return result, False
-    from engine.headless import drive
+    from looptree.engine.headless import drive
 
     driven = await drive(engine)
     reason, signals = driven.reason, int(driven.interrupted)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from engine.errors import MetricsError
+from looptree.engine.errors import MetricsError
 
 __all__ = [
     "Aggregate",

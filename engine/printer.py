@@ -11,8 +11,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from engine.report import ci_text
-from engine.state import RunState
+from looptree.engine.report import ci_text
+from looptree.engine.state import RunState
 
 
 def _short(text: str | None, limit: int = 90) -> str:

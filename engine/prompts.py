@@ -16,8 +16,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from engine.access import AccessPolicy
-from engine.metrics import MetricSpec
+from looptree.engine.access import AccessPolicy
+from looptree.engine.metrics import MetricSpec
 
 TEMPLATE_NAMES = ("system", "ideas", "optimize", "improve", "fix")
 MAX_FILE_CHARS = 40_000
@@ -26,7 +26,7 @@ MAX_LOG_CHARS = 3_000
 
 def load_templates(overrides: dict[str, str] | None = None, base: Path | None = None) -> dict[str, str]:
     """Packaged templates, with any user-supplied file replacing its namesake."""
-    pkg = resources.files("engine") / "templates"
+    pkg = resources.files("looptree.engine") / "templates"
     out = {name: (pkg / f"{name}.md").read_text(encoding="utf-8") for name in TEMPLATE_NAMES}
     for name, path in (overrides or {}).items():
         if not path:

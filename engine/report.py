@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.errors import LooptreeError
-from engine.metrics import MetricSpec
-from engine.runs import node_dir
-from engine.state import NodeState, RunState
+from looptree.engine.errors import LooptreeError
+from looptree.engine.metrics import MetricSpec
+from looptree.engine.runs import node_dir
+from looptree.engine.state import NodeState, RunState
 
 STATUS_MARK = {"done": "ok", "failed": "FAILED", "pending": "pending", "generating": "agent",
                "generated": "queued", "evaluating": "running"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.errors import LooptreeError
+from looptree.engine.errors import LooptreeError
 
 
 def runs_root(project_dir: Path) -> Path:

@@ -7,8 +7,8 @@ one would have, and each rule is tested without processes or models.
 
 from __future__ import annotations
 
-from engine.metrics import priority_key
-from engine.state import NodeState, RunState
+from looptree.engine.metrics import priority_key
+from looptree.engine.state import NodeState, RunState
 
 FIXABLE_STAGES = ("edit", "build", "check", "bench", "metrics", "timeout")
 

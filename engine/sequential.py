@@ -140,7 +140,7 @@ def level_at(n: int, first: int, cap: int, alpha: float, min_p: Callable[[int], 
 
 def look_level(n: int, first: int, cap: int, alpha: float, *, paired: bool) -> float:
     """The level the evaluator tests at after ``n`` pairs, for the rank test it uses."""
-    from engine.stats import smallest_p  # local: stats is the consumer's module, keep this one leaf-like
+    from looptree.engine.stats import smallest_p  # local: stats is the consumer's module, keep this one leaf-like
 
     return level_at(n, first, cap, alpha, min_p=lambda k: smallest_p(k, k, paired=paired))
 

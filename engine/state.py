@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from engine.metrics import MetricSpec, parse_header, priority_key
+from looptree.engine.metrics import MetricSpec, parse_header, priority_key
 
 TERMINAL = ("done", "failed")
 

@@ -4,10 +4,10 @@ Importing ``gpu`` never imports torch (plain-Python projects do not have it) nor
 timing and correctness helpers load torch only when a tensor or a CUDA device is involved.
 """
 
-from gpu.correctness import CorrectnessReport, check_outputs, default_tolerance
-from gpu.report import MetricsWriter, metric_column, write_metrics_csv
-from gpu.slots import DeviceSlots, NoGpuSlot, env_for, parse_devices
-from gpu.telemetry import (
+from looptree.gpu.correctness import CorrectnessReport, check_outputs, default_tolerance
+from looptree.gpu.report import MetricsWriter, metric_column, write_metrics_csv
+from looptree.gpu.slots import DeviceSlots, NoGpuSlot, env_for, parse_devices
+from looptree.gpu.telemetry import (
     DeviceSample,
     FakeBackend,
     NoGpu,
@@ -18,7 +18,7 @@ from gpu.telemetry import (
     format_gpus,
     sample_loop,
 )
-from gpu.timing import TimingResult, interleaved_ab, time_callable
+from looptree.gpu.timing import TimingResult, interleaved_ab, time_callable
 
 __all__ = [
     "CorrectnessReport",

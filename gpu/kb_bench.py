@@ -1,6 +1,6 @@
 """Bench one KernelBench task: is ModelNew correct, and how fast is it against eager and compile?
 
-    python -m gpu.kb_bench --problem problem.py [--solution solution.py] [--metrics metrics.csv]
+    python -m looptree.gpu.kb_bench --problem problem.py [--solution solution.py] [--metrics metrics.csv]
                            [--json result.json] [--trials N] [--no-compile] [--device auto|cpu|cuda]
 
 Why this order of work (all in one process, so the three timings share a device state):
@@ -10,7 +10,7 @@ Why this order of work (all in one process, so the three timings share a device 
    them agree with a wrong answer.
 2. After the import, the reference is run again on the fingerprint inputs: if its output
    changed, the solution tampered with it, and the node fails saying so.
-3. Correctness is a gate, not a metric: ``gpu.correctness.check_outputs`` on several seeds with
+3. Correctness is a gate, not a metric: ``looptree.gpu.correctness.check_outputs`` on several seeds with
    fresh inputs and the hack guards (cached results, zeros, returned inputs, the reference's own
    tensors). Any failure exits 1 with the reason as the last line, which is what looptree shows
    the fix agent.
@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from gpu.kernelbench import (
+from looptree.gpu.kernelbench import (
     COMPILE,
     EAGER,
     METRIC_COLUMNS,
@@ -312,7 +312,7 @@ def _warm(fn: Callable[[], Any], seconds: float, device: str, max_calls: int = 1
 
 
 def _time(fn: Callable[[], Any], args: argparse.Namespace, device: str) -> Any:
-    from gpu.timing import time_callable
+    from looptree.gpu.timing import time_callable
 
     _warm(fn, args.warmup_seconds, device)
     return time_callable(fn, warmup=args.warmup, trials=args.trials, device=device, flush_l2=args.flush)
@@ -361,7 +361,7 @@ def _time_compile(model: Any, inputs: list[Any], args: argparse.Namespace, devic
 
 def _check_correctness(task: Task, reference: Any, candidate: Any, args: argparse.Namespace,
                        result: BenchResult) -> None:
-    from gpu.correctness import check_outputs
+    from looptree.gpu.correctness import check_outputs
 
     seeds = list(range(args.seeds))
     try:
@@ -413,7 +413,7 @@ def run_bench(args: argparse.Namespace, result: BenchResult) -> None:
     except ImportError as exc:
         raise BenchFailure(f"torch is not importable ({exc}); install it to bench KernelBench problems",
                            EXIT_PROBLEM) from exc
-    from gpu.timing import resolve_device
+    from looptree.gpu.timing import resolve_device
 
     try:
         device = resolve_device(args.device)
@@ -494,7 +494,7 @@ def run_bench(args: argparse.Namespace, result: BenchResult) -> None:
 
 
 def write_metrics(path: str, result: BenchResult) -> None:
-    from gpu.report import MetricsWriter
+    from looptree.gpu.report import MetricsWriter
 
     if result.runtime_ms is None:
         row = {EAGER: result.eager_ms, COMPILE: result.compile_ms}
@@ -514,7 +514,7 @@ def write_metrics(path: str, result: BenchResult) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gpu.kb_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m looptree.gpu.kb_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--problem", required=True, help="KernelBench problem file (Model, get_inputs, get_init_inputs)")
     p.add_argument("--solution", default=None, help="file defining ModelNew; without it only the baselines are timed")
     p.add_argument("--reference-only", action="store_true", help="ignore --solution: time only the baselines")

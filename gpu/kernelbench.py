@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
-from engine.errors import LooptreeError
+from looptree.engine.errors import LooptreeError
 
 PROBLEM_FILE = "problem.py"
 SOLUTION_FILE = "solution.py"
@@ -289,7 +289,7 @@ Checks ModelNew (solution.py) against Model (problem.py) on fresh random inputs,
 eager PyTorch, torch.compile and ModelNew in this one process and writes one metrics row:
 {columns}.
 An incorrect ModelNew makes this script exit non-zero; its last line says why.
-Options (e.g. --trials N, --no-compile): python -m gpu.kb_bench --help
+Options (e.g. --trials N, --no-compile): python -m looptree.gpu.kb_bench --help
 """
 
 import os
@@ -298,10 +298,10 @@ import sys
 LOOPTREE_SRC = {src!r}
 
 try:
-    from gpu import kb_bench
+    from looptree.gpu import kb_bench
 except ImportError:
     sys.path.insert(0, LOOPTREE_SRC)
-    from gpu import kb_bench
+    from looptree.gpu import kb_bench
 
 if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
@@ -333,7 +333,7 @@ def _bench_extras() -> str:
     for no extra protection against drift.
     """
     try:
-        from engine.config import BenchSection
+        from looptree.engine.config import BenchSection
     except ImportError:
         return ""
     fields = getattr(BenchSection, "model_fields", {})
@@ -389,7 +389,7 @@ def make_task_project(problem: Problem | str | os.PathLike[str], dest: str | os.
     """Write (or reuse) the looptree project for one problem; returns its directory.
 
     ``dest`` gets ``problem.py`` (a copy, read-only), ``solution.py`` (writable, a correct
-    ModelNew that is the reference), ``bench.py`` (read-only launcher of ``gpu.kb_bench``),
+    ModelNew that is the reference), ``bench.py`` (read-only launcher of ``looptree.gpu.kb_bench``),
     ``looptree.toml``, a ``.gitignore`` and its own git repository. A ``dest`` that already holds the same problem is
     reused as it is (its runs, config edits and git history kept: the next run is N+1); one
     that holds a different problem is refused rather than overwritten.
@@ -412,7 +412,7 @@ def make_task_project(problem: Problem | str | os.PathLike[str], dest: str | os.
         if (out / "looptree.toml").exists() and (out / SOLUTION_FILE).exists():
             return out
     out.mkdir(parents=True, exist_ok=True)
-    src_root = str(Path(__file__).resolve().parents[1])
+    src_root = str(Path(__file__).resolve().parents[2])  # the folder holding looptree/ in a wheel install
     _write(out / PROBLEM_FILE, source, readonly=True)
     _write(out / BENCH_FILE, _BENCH_TEMPLATE.format(src=src_root, columns=", ".join(METRIC_COLUMNS)), readonly=True)
     if not (out / SOLUTION_FILE).exists():

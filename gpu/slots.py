@@ -13,7 +13,7 @@ from collections import deque
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Literal, Sequence
 
-from engine.errors import ConfigError, LooptreeError
+from looptree.engine.errors import ConfigError, LooptreeError
 
 SlotKind = Literal["gpu", "cpu"]
 

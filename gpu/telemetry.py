@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, runtime_checkable
 
-from engine.errors import ConfigError, LooptreeError
+from looptree.engine.errors import ConfigError, LooptreeError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from gpu.telemetry import NoGpu
+from looptree.gpu.telemetry import NoGpu
 
 # Side-stream guard: the host span may exceed the event span by launch/sync overhead only.
 _WALL_SLACK_MS = 0.1

@@ -87,7 +87,7 @@ class RunEvents:
         self.emit("node_failed", id=node_id, stage=stage, reason=reason)
 
     def state(self):  # -> engine.state.RunState (imported late so a broken fold fails only its users)
-        from engine.state import RunState
+        from looptree.engine.state import RunState
 
         return RunState.from_events(self.events)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.access import AccessPolicy
-from engine.errors import ConfigError, EditRejected
+from looptree.engine.access import AccessPolicy
+from looptree.engine.errors import ConfigError, EditRejected
 
 
 def make_tree(root: Path, files: dict[str, str]) -> None:
@@ -264,7 +264,7 @@ def test_unmatched_ignores_git_contents(project: Path) -> None:
 
 def test_walk_pruning_only_skips_unreachable_directories() -> None:
     """Tree walks skip directories no pattern can reach (.venv, build dirs) but nothing else."""
-    from engine.access import _PatternSet
+    from looptree.engine.access import _PatternSet
 
     ps = _PatternSet(["solver.py", "kernels/**/*.py", "src/*/x.py", "lib"], dotglob=False)
     assert ps.may_match_under("kernels")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from textual.widgets import Input, Static
 
-from app.screens import ConfirmScreen, HelpScreen, PromptScreen
-from app.synthetic import demo_run, write_events
+from looptree.app.screens import ConfirmScreen, HelpScreen, PromptScreen
+from looptree.app.synthetic import demo_run, write_events
 from fixtures.dash_pilot import FROZEN, control, live_app, make_run, ready, select
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.labels import header_text, node_label
-from app.model import RunView
+from looptree.app.labels import header_text, node_label
+from looptree.app.model import RunView
 
 EVENTS = [
     {"seq": 0, "ts": 1.0, "type": "run_started", "run": 1, "project": "/p", "config": {}},

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from app.main import apply_color_option, run_dashboard
-from app.synthetic import demo_run, write_events
-from engine.errors import LooptreeError
+from looptree.app.main import apply_color_option, run_dashboard
+from looptree.app.synthetic import demo_run, write_events
+from looptree.engine.errors import LooptreeError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_run_dashboard_refuses_missing_run(tmp_path: Path) -> None:
 
 
 def test_import_app_does_not_import_textual() -> None:
-    code = "import sys, app; assert 'textual' not in sys.modules; print(app.run_dashboard.__name__)"
+    code = "import sys; from looptree import app; assert 'textual' not in sys.modules; print(app.run_dashboard.__name__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "run_dashboard"
@@ -76,7 +76,7 @@ def test_refresh_rate_honours_textual_fps(monkeypatch, tmp_path: Path) -> None:
     """Over a slow SSH link users set TEXTUAL_FPS low; the dashboard never redraws faster than that."""
     import textual.constants
 
-    from app.dashboard import LooptreeApp
+    from looptree.app.dashboard import LooptreeApp
 
     monkeypatch.setattr(textual.constants, "MAX_FPS", 4)
     assert LooptreeApp(tmp_path, mode="live").refresh_hz == 4

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.dashboard import LooptreeApp, Periods
+from looptree.app.dashboard import LooptreeApp, Periods
 from fixtures.dash_pilot import make_run, ready
 
 ROOT = Path(__file__).resolve().parents[1]

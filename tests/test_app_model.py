@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from app.files import DiffCache, parent_commit, tail_lines
-from app.labels import budget_text, header_text, label_key, node_label
-from app.model import RunView, fmt_duration, fmt_num, format_event, improvement, run_status
-from app.replay import GAP_CAP_S, ReplayCursor, parse_seek
-from app.synthetic import COLUMNS, T0, demo_run, stream_events
-from app.widgets.detail import verdict_line
-from app.widgets.panels import gpu_cells, step_line
-from engine.state import RunState
+from looptree.app.files import DiffCache, parent_commit, tail_lines
+from looptree.app.labels import budget_text, header_text, label_key, node_label
+from looptree.app.model import RunView, fmt_duration, fmt_num, format_event, improvement, run_status
+from looptree.app.replay import GAP_CAP_S, ReplayCursor, parse_seek
+from looptree.app.synthetic import COLUMNS, T0, demo_run, stream_events
+from looptree.app.widgets.detail import verdict_line
+from looptree.app.widgets.panels import gpu_cells, step_line
+from looptree.engine.state import RunState
 
 
 def folded(events) -> RunView:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from textual.widgets import RichLog, Static
 
-from app.dashboard import LooptreeApp
-from app.synthetic import write_events
-from engine.events import RunLock
+from looptree.app.dashboard import LooptreeApp
+from looptree.app.synthetic import write_events
+from looptree.engine.events import RunLock
 from fixtures.dash_pilot import FROZEN, live_app, make_run, plain, ready, select
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import Static
 
-from app.screens import PromptScreen
+from looptree.app.screens import PromptScreen
 from fixtures.dash_pilot import control, make_run, ready, replay_app, select
 
 

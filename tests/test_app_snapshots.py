@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app.dashboard import LooptreeApp
+from looptree.app.dashboard import LooptreeApp
 from fixtures.dash_pilot import FROZEN, make_run, ready
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import check_patterns, load_config
-from engine.control import CONTROL_NAME
-from engine.errors import ConfigError
-from engine.events import RunLock
+from looptree.engine.config import check_patterns, load_config
+from looptree.engine.control import CONTROL_NAME
+from looptree.engine.errors import ConfigError
+from looptree.engine.events import RunLock
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "eng_run2_events.jsonl"
@@ -37,7 +37,7 @@ command = "python bench.py"
 def cli(*args: str, cwd: Path | None = None, exe: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "LOOPTREE_"))}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([*(exe or [sys.executable, "-m", "engine.cli"]), *args], cwd=cwd or ROOT, env=env,
+    return subprocess.run([*(exe or [sys.executable, "-m", "looptree.engine.cli"]), *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 

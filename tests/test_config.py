@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import (
+from looptree.engine.config import (
     CONFIG_NAME,
     Config,
     apply_overrides,
@@ -16,7 +16,7 @@ from engine.config import (
     parse_override,
     validate_config,
 )
-from engine.errors import ConfigError, LooptreeError
+from looptree.engine.errors import ConfigError, LooptreeError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.control import CONTROL_NAME, COMMANDS, ControlTail, append_control, make_command, parse_budget
-from engine.errors import LooptreeError
+from looptree.engine.control import CONTROL_NAME, COMMANDS, ControlTail, append_control, make_command, parse_budget
+from looptree.engine.errors import LooptreeError
 
 
 # ---------------------------------------------------------------------------- make_command

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 ATTACH_SCRIPT = r"""
 import asyncio, json, sys
 from pathlib import Path
-from app.dashboard import LooptreeApp
+from looptree.app.dashboard import LooptreeApp
 
 async def main():
     app = LooptreeApp(Path(sys.argv[1]), mode="live", frozen_time=0.0)
@@ -73,7 +73,7 @@ def test_killing_the_dashboard_leaves_the_engine_running(tmp_path: Path) -> None
     shutil.copytree(SAMPLE, project, ignore=shutil.ignore_patterns(".looptree", "__pycache__", "metrics.csv"))
     master, slave = pty.openpty()
     env = dict(os.environ, TERM="xterm-256color", COLUMNS="120", LINES="40")
-    dashboard = subprocess.Popen([sys.executable, "-m", "app.cli", "run", str(project), *QUICK],
+    dashboard = subprocess.Popen([sys.executable, "-m", "looptree.app.cli", "run", str(project), *QUICK],
                                  cwd=REPO, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
     os.close(slave)
     screen = bytearray()
@@ -106,7 +106,7 @@ def test_killing_the_dashboard_leaves_the_engine_running(tmp_path: Path) -> None
     finished = [e for e in _events(run_dir) if e["type"] == "run_finished"][-1]
     assert finished["reason"] == "phases done"
 
-    tree = json.loads(subprocess.run([sys.executable, "-m", "engine.cli", "tree", str(run_dir), "--json"],
+    tree = json.loads(subprocess.run([sys.executable, "-m", "looptree.engine.cli", "tree", str(run_dir), "--json"],
                                      cwd=REPO, capture_output=True, text=True, check=True).stdout)
     attached = subprocess.run([sys.executable, "-c", ATTACH_SCRIPT, str(run_dir)], cwd=REPO, capture_output=True,
                               text=True, timeout=120)

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def looptree(*args: str, cwd: Path | None = None, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=cwd or REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "looptree.engine.cli", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"looptree {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -117,8 +117,8 @@ def _wait_for(run_dir: Path, predicate, timeout: float = 120) -> list[dict]:
 
 
 def _job_processes(run_dir: Path) -> list[int]:
-    from engine.engine import job_prefix
-    from engine.procs import find_job_pids
+    from looptree.engine.engine import job_prefix
+    from looptree.engine.procs import find_job_pids
 
     return find_job_pids(job_prefix(run_dir), prefix=True)
 
@@ -132,7 +132,7 @@ def test_kill_9_then_resume_finishes(project: Path, kill_point: str) -> None:
         "phase 1": lambda ev: any(e["type"] == "phase_started" and e.get("phase") == 1 for e in ev)
         and any(e["type"] == "agent_finished" and e.get("id", "").count(".") >= 2 for e in ev),
     }
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(project), "--no-tui", *QUICK],
+    proc = subprocess.Popen([sys.executable, "-m", "looptree.engine.cli", "run", str(project), "--no-tui", *QUICK],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     run_dir = project / ".looptree" / "runs" / "1"
     try:
@@ -160,7 +160,7 @@ def test_kill_9_then_resume_finishes(project: Path, kill_point: str) -> None:
 
 
 def test_second_engine_on_same_run_is_refused(project: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(project), "--no-tui", *QUICK],
+    proc = subprocess.Popen([sys.executable, "-m", "looptree.engine.cli", "run", str(project), "--no-tui", *QUICK],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     run_dir = project / ".looptree" / "runs" / "1"
     try:

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from engine.access import AccessPolicy
-from engine.edits import (
+from looptree.engine.access import AccessPolicy
+from looptree.engine.edits import (
     EditBlock,
     UnifiedDiff,
     WholeFile,
     apply_edits,
     parse_change_reply,
 )
-from engine.errors import EditError, EditParseError, EditRejected, SearchNotFound
+from looptree.engine.errors import EditError, EditParseError, EditRejected, SearchNotFound
 
 SOLVER = """\
 def solve(xs):

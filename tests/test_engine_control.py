@@ -19,12 +19,12 @@ from typing import Any, Callable
 
 import psutil
 
-from engine.config import validate_config
-from engine.control import append_control, make_command
-from engine.engine import Engine, job_prefix
-from engine.events import read_events
-from engine.procs import find_job_pids
-from engine.state import RunState
+from looptree.engine.config import validate_config
+from looptree.engine.control import append_control, make_command
+from looptree.engine.engine import Engine, job_prefix
+from looptree.engine.events import read_events
+from looptree.engine.procs import find_job_pids
+from looptree.engine.state import RunState
 
 RT = "runtime_ms (lower is better)"
 BENCH = """\

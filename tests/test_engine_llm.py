@@ -19,12 +19,12 @@ from typing import Any, Callable
 import psutil
 import pytest
 
-from engine.config import Config, validate_config
-from engine.control import append_control, make_command
-from engine.engine import Engine
-from engine.errors import ConfigError
-from engine.events import read_events
-from engine.state import RunState
+from looptree.engine.config import Config, validate_config
+from looptree.engine.control import append_control, make_command
+from looptree.engine.engine import Engine
+from looptree.engine.errors import ConfigError
+from looptree.engine.events import read_events
+from looptree.engine.state import RunState
 
 try:
     from llm_server import hang, llm_server, reply, status  # noqa: F401 - llm_server is a fixture

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.config import validate_config
-from engine.engine import Engine
-from engine.events import read_events
-from engine.state import RunState
+from looptree.engine.config import validate_config
+from looptree.engine.engine import Engine
+from looptree.engine.events import read_events
+from looptree.engine.state import RunState
 
 CHANGE = ("Double the constant.\n\nsolver.py\n<<<<<<< SEARCH\nVALUE = {old}\n=======\nVALUE = {new}\n"
           ">>>>>>> REPLACE\n")

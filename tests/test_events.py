@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import LooptreeError, RunLockedError
-from engine.events import EVENTS_NAME, LOCK_NAME, EventLog, EventTail, RunLock, iter_events, read_events
+from looptree.engine.errors import LooptreeError, RunLockedError
+from looptree.engine.events import EVENTS_NAME, LOCK_NAME, EventLog, EventTail, RunLock, iter_events, read_events
 
 
 def raw_lines(run_dir: Path) -> list[bytes]:
@@ -171,7 +171,7 @@ def test_second_holder_in_the_same_process_is_refused(tmp_path: Path) -> None:
 
 HOLDER = textwrap.dedent("""
     import sys, pathlib
-    from engine.events import RunLock
+    from looptree.engine.events import RunLock
     lock = RunLock(pathlib.Path(sys.argv[1]))
     lock.acquire()
     print("held", flush=True)

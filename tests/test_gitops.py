@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import gitops
-from engine.errors import GitError
+from looptree.engine import gitops
+from looptree.engine.errors import GitError
 
 
 def user_view(repo: Path, git_run) -> tuple[str, str, str, bytes]:

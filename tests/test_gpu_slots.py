@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from engine.errors import ConfigError
-from gpu.slots import DeviceSlots, NoGpuSlot, env_for, parse_devices
-from gpu.telemetry import FakeBackend, NoneBackend
+from looptree.engine.errors import ConfigError
+from looptree.gpu.slots import DeviceSlots, NoGpuSlot, env_for, parse_devices
+from looptree.gpu.telemetry import FakeBackend, NoneBackend
 
 
 async def test_concurrent_holders_never_share_a_gpu() -> None:

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from engine.errors import ConfigError
-from gpu.telemetry import (
+from looptree.engine.errors import ConfigError
+from looptree.gpu.telemetry import (
     DeviceSample,
     FakeBackend,
     FieldNotSupported,
@@ -122,7 +122,7 @@ def test_telemetry_imports_without_torch() -> None:
     # torch is installed here, so check it is never loaded: users without it then import fine
     code = (
         "import sys\n"
-        "import gpu.telemetry, gpu.slots, gpu, engine.stats\n"
+        "import looptree.gpu.telemetry, looptree.gpu.slots, looptree.gpu, looptree.engine.stats\n"
         "print('leaked' if 'torch' in sys.modules else 'ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

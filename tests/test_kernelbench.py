@@ -1,9 +1,9 @@
 """KernelBench support: discovery, task projects, the bench's verdicts and timings, the summary.
 
-The bench (`gpu.kb_bench.main`) runs for real on the CPU against the sample problems in
+The bench (`looptree.gpu.kb_bench.main`) runs for real on the CPU against the sample problems in
 `sample_projects/kernelbench/level1` and the correct, wrong and hacky solutions beside them;
 `--warmup-seconds 0` and few trials keep each call well under a second. The CLI is run as users
-run it (`python -m engine.cli kernelbench ...`), and one slow test drives a whole replayed agent
+run it (`python -m looptree.engine.cli kernelbench ...`), and one slow test drives a whole replayed agent
 run through the engine.
 """
 
@@ -21,19 +21,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from engine.access import AccessPolicy  # noqa: E402
-from engine.cli import build_parser  # noqa: E402
-from engine.config import check_patterns, load_config  # noqa: E402
-from engine.errors import ConfigError, LooptreeError  # noqa: E402
-from engine.kernelbench_cli import (  # noqa: E402
+from looptree.engine.access import AccessPolicy  # noqa: E402
+from looptree.engine.cli import build_parser  # noqa: E402
+from looptree.engine.config import check_patterns, load_config  # noqa: E402
+from looptree.engine.errors import ConfigError, LooptreeError  # noqa: E402
+from looptree.engine.kernelbench_cli import (  # noqa: E402
     TaskResult,
     absolutize_overrides,
     check_agent,
     result_from_state,
     run_kernelbench,
 )
-from gpu import kb_bench  # noqa: E402
-from gpu.kernelbench import (  # noqa: E402
+from looptree.gpu import kb_bench  # noqa: E402
+from looptree.gpu.kernelbench import (  # noqa: E402
     METRIC_COLUMNS,
     KernelBenchError,
     fast_p,
@@ -64,7 +64,7 @@ def bench(problem: Path, solution: Path | None, tmp_path: Path, *extra: str) -> 
 
 
 def looptree(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "looptree.engine.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -261,7 +261,7 @@ def test_incorrect_or_hacky_solutions_fail_with_the_guard_reason(
 
 def test_patching_torch_at_import_is_caught(tmp_path: Path) -> None:
     """Run in a subprocess: the hack patches torch for the whole process."""
-    proc = subprocess.run([sys.executable, "-m", "gpu.kb_bench", "--problem", str(LEVEL1 / "1_Matmul_ReLU.py"),
+    proc = subprocess.run([sys.executable, "-m", "looptree.gpu.kb_bench", "--problem", str(LEVEL1 / "1_Matmul_ReLU.py"),
                            "--solution", str(HACKS / "1_patch_torch.py"), *QUICK],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == kb_bench.EXIT_CANDIDATE
@@ -331,7 +331,7 @@ def test_eval_only_through_the_real_cli(tmp_path: Path) -> None:
 
 
 def _args(*argv: str, solutions: Path | None = None):
-    """The real parser's namespace (plus --solutions until engine.cli declares it)."""
+    """The real parser's namespace (plus --solutions until looptree.engine.cli declares it)."""
     args = build_parser().parse_args(["kernelbench", *argv])
     if solutions is not None:
         args.solutions = str(solutions)

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from engine.llm.budget import BudgetedBackend, TokenBudget
-from engine.llm.openai_backend import OpenAIBackend
-from engine.llm.providers import Endpoint
-from engine.llm.ratelimit import RateLimiter
-from engine.llm.types import (
+from looptree.engine.llm.budget import BudgetedBackend, TokenBudget
+from looptree.engine.llm.openai_backend import OpenAIBackend
+from looptree.engine.llm.providers import Endpoint
+from looptree.engine.llm.ratelimit import RateLimiter
+from looptree.engine.llm.types import (
     LLMEmptyReply,
     LLMRequest,
     LLMRequestRejected,

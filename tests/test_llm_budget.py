@@ -7,12 +7,12 @@ import logging
 
 import pytest
 
-from engine.errors import BudgetExhausted, ConfigError
-from engine.llm.budget import BudgetedBackend, TokenBudget, estimate_request_tokens
-from engine.llm.openai_backend import OpenAIBackend
-from engine.llm.pricing import PriceTable
-from engine.llm.providers import Endpoint
-from engine.llm.types import LLMError, LLMRequest, LLMRequestRejected, estimate_prompt_tokens
+from looptree.engine.errors import BudgetExhausted, ConfigError
+from looptree.engine.llm.budget import BudgetedBackend, TokenBudget, estimate_request_tokens
+from looptree.engine.llm.openai_backend import OpenAIBackend
+from looptree.engine.llm.pricing import PriceTable
+from looptree.engine.llm.providers import Endpoint
+from looptree.engine.llm.types import LLMError, LLMRequest, LLMRequestRejected, estimate_prompt_tokens
 
 try:
     from llm_server import drop, llm_server, reply, status  # noqa: F401

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import ConfigError
-from engine.llm import build_llm
-from engine.llm.budget import TokenBudget
-from engine.llm.pricing import APPROX_LIST_PRICES, PriceTable, cost
-from engine.llm.providers import LOCAL_DUMMY_KEY, PROVIDERS, resolve_endpoint
-from engine.llm.redact import REDACTED, Redactor, redact_text
+from looptree.engine.errors import ConfigError
+from looptree.engine.llm import build_llm
+from looptree.engine.llm.budget import TokenBudget
+from looptree.engine.llm.pricing import APPROX_LIST_PRICES, PriceTable, cost
+from looptree.engine.llm.providers import LOCAL_DUMMY_KEY, PROVIDERS, resolve_endpoint
+from looptree.engine.llm.redact import REDACTED, Redactor, redact_text
 
 
 @pytest.mark.parametrize(

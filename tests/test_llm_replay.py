@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import ConfigError
-from engine.llm.budget import BudgetedBackend, TokenBudget
-from engine.llm.openai_backend import OpenAIBackend
-from engine.llm.providers import resolve_endpoint
-from engine.llm.recorder import CallRecorder, request_hash
-from engine.llm.replay import ReplayBackend
-from engine.llm.types import CassetteExhausted, LLMEmptyReply, LLMRequest, LLMRequestRejected
+from looptree.engine.errors import ConfigError
+from looptree.engine.llm.budget import BudgetedBackend, TokenBudget
+from looptree.engine.llm.openai_backend import OpenAIBackend
+from looptree.engine.llm.providers import resolve_endpoint
+from looptree.engine.llm.recorder import CallRecorder, request_hash
+from looptree.engine.llm.replay import ReplayBackend
+from looptree.engine.llm.types import CassetteExhausted, LLMEmptyReply, LLMRequest, LLMRequestRejected
 
 try:
     from llm_server import llm_server, reply, status  # noqa: F401

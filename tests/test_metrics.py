@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import MetricsError
-from engine.metrics import (
+from looptree.engine.errors import MetricsError
+from looptree.engine.metrics import (
     Aggregate,
     CsvTail,
     MetricSpec,

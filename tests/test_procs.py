@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.procs import (
+from looptree.engine.procs import (
     JOB_ENV,
     Limits,
     ProcResult,
@@ -376,7 +376,7 @@ ENGINE = textwrap.dedent(
     """
     import asyncio, os, sys
     sys.path.insert(0, sys.argv[1])
-    from engine.procs import run_command
+    from looptree.engine.procs import run_command
     from pathlib import Path
     asyncio.run(run_command("sleep 60; true", cwd=Path.cwd(), env=dict(os.environ), timeout=60,
                             log_path=Path("engine.log"), job_tag=sys.argv[2]))

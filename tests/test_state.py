@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.state import RunState
+from looptree.engine.state import RunState
 
 RT = "runtime_ms (lower is better)"
 ACC = "accuracy (higher is better)"

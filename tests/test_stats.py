@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from engine.stats import Verdict, adaptive_repeats, compare, iqr_filter, noise_floor, smallest_p
+from looptree.engine.stats import Verdict, adaptive_repeats, compare, iqr_filter, noise_floor, smallest_p
 
 
 def _runs(median: float, n: int, seed: int, spread: float = 0.02) -> list[float]:

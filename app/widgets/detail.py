@@ -17,10 +17,10 @@ from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from app.files import LOG_NAMES, tail_lines
-from app.labels import GLYPHS
-from app.model import RunView, fmt_num, fmt_tokens, improvement
-from engine.state import NodeState
+from looptree.app.files import LOG_NAMES, tail_lines
+from looptree.app.labels import GLYPHS
+from looptree.app.model import RunView, fmt_num, fmt_tokens, improvement
+from looptree.engine.state import NodeState
 
 LOG_LINES = 10
 MAX_DIFF_LINES = 400

@@ -17,7 +17,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
-from app.model import RunView, fmt_num
+from looptree.app.model import RunView, fmt_num
 
 SLOTS = 40  # newest rows kept on screen (more than any panel shows)
 

@@ -17,8 +17,8 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
-from app.labels import label_key, node_label
-from app.model import RunView
+from looptree.app.labels import label_key, node_label
+from looptree.app.model import RunView
 
 
 class RunTree(Tree[str], inherit_bindings=False):  # Tree's `space` toggles nodes; here it pauses the run

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.llm.budget import BudgetedBackend, Reservation, TokenBudget, estimate_request_tokens
-from engine.llm.pricing import APPROX_LIST_PRICES, Price, PriceTable, cost
-from engine.llm.providers import PROVIDERS, Endpoint, resolve_endpoint
-from engine.llm.ratelimit import RateLimiter
-from engine.llm.recorder import CallRecorder, request_hash
-from engine.llm.redact import redact_obj, redact_text, register_secret
-from engine.llm.replay import ReplayBackend
-from engine.llm.types import (
+from looptree.engine.llm.budget import BudgetedBackend, Reservation, TokenBudget, estimate_request_tokens
+from looptree.engine.llm.pricing import APPROX_LIST_PRICES, Price, PriceTable, cost
+from looptree.engine.llm.providers import PROVIDERS, Endpoint, resolve_endpoint
+from looptree.engine.llm.ratelimit import RateLimiter
+from looptree.engine.llm.recorder import CallRecorder, request_hash
+from looptree.engine.llm.redact import redact_obj, redact_text, register_secret
+from looptree.engine.llm.replay import ReplayBackend
+from looptree.engine.llm.types import (
     CassetteExhausted,
     LLMBackend,
     LLMEmptyReply,
@@ -84,12 +84,12 @@ def build_llm(
     inner: LLMBackend
     if endpoint.provider == "replay":
         if cassette is None:
-            from engine.errors import ConfigError
+            from looptree.engine.errors import ConfigError
 
             raise ConfigError("agent.provider = 'replay' needs agent.cassette")
         inner = ReplayBackend(cassette, recorder=recorder)
     else:
-        from engine.llm.openai_backend import OpenAIBackend  # imports openai: only when live
+        from looptree.engine.llm.openai_backend import OpenAIBackend  # imports openai: only when live
 
         if requests_per_minute or tokens_per_minute:
             limiter = RateLimiter(requests_per_minute, tokens_per_minute)

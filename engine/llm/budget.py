@@ -17,9 +17,9 @@ import asyncio
 import threading
 from dataclasses import dataclass
 
-from engine.errors import BudgetExhausted
-from engine.llm.pricing import PriceTable
-from engine.llm.types import (
+from looptree.engine.errors import BudgetExhausted
+from looptree.engine.llm.pricing import PriceTable
+from looptree.engine.llm.types import (
     LLMBackend,
     LLMError,
     LLMRequest,

@@ -20,11 +20,11 @@ from typing import Any
 
 import openai
 
-from engine.llm.providers import Endpoint
-from engine.llm.ratelimit import RateLimiter
-from engine.llm.recorder import CallRecorder
-from engine.llm.redact import redact_text
-from engine.llm.types import (
+from looptree.engine.llm.providers import Endpoint
+from looptree.engine.llm.ratelimit import RateLimiter
+from looptree.engine.llm.recorder import CallRecorder
+from looptree.engine.llm.redact import redact_text
+from looptree.engine.llm.types import (
     LLMEmptyReply,
     LLMError,
     LLMRequest,

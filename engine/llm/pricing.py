@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import ConfigError
+from looptree.engine.errors import ConfigError
 
 
 @dataclass(frozen=True)

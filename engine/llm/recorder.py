@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.llm.redact import DEFAULT as DEFAULT_REDACTOR
-from engine.llm.redact import Redactor
-from engine.llm.types import LLMError, LLMRequest, LLMResponse
+from looptree.engine.llm.redact import DEFAULT as DEFAULT_REDACTOR
+from looptree.engine.llm.redact import Redactor
+from looptree.engine.llm.types import LLMError, LLMRequest, LLMResponse
 
 CALLS_FILE = "calls.jsonl"
 ERRORS_FILE = "errors.jsonl"

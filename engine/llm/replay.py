@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ConfigError
-from engine.llm.recorder import CALLS_FILE, CallRecorder, request_hash
-from engine.llm.types import (
+from looptree.engine.errors import ConfigError
+from looptree.engine.llm.recorder import CALLS_FILE, CallRecorder, request_hash
+from looptree.engine.llm.types import (
     CassetteExhausted,
     LLMEmptyReply,
     LLMRequest,

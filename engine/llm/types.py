@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from engine.errors import LooptreeError
+from looptree.engine.errors import LooptreeError
 
 # Rough characters-per-token for English prose and code. Used only where a server reports no
 # usage and for budget reservations; deliberately on the generous side (more tokens, not fewer).
