@@ -15,7 +15,15 @@ block its event loop while doing so. Three layers make that reliable:
    as long as the engine. Its descendants are then found by tag on the next resume.)
 
 A process that rewrites its own environment (``env -i``) and leaves the group escapes layer 2;
-that is a documented limit, not something a benchmark does by accident.
+that is why, by default, the command runs inside the run's sandbox (``engine.sandbox``: a
+bubblewrap PID namespace whose init takes every process down with it). The three layers above
+stay for ``sandbox.mode = "off"`` and as a second net.
+
+Bounded resources: a memory ceiling per command (a cgroup v2 group when ``Limits.cgroup_parent``
+names a writable one, ``RLIMIT_DATA`` otherwise; never ``RLIMIT_AS``, which breaks CUDA), and a
+log cap (``Limits.log_bytes``): while the command runs, the middle of an over-long output is
+punched out of the file, and at the end the head and the tail are kept with a line saying how
+many bytes were cut.
 
 Output goes to a log *file* (never a pipe): no deadlock on chatty output, and the log is kept
 for ``looptree show``. Each call appends a header line (the command) and a footer line (rc,
@@ -33,11 +41,13 @@ import resource
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import psutil
+from looptree.engine.sandbox import MemoryPlan, Sandbox, memory_plan
 
 __all__ = [
     "JOB_ENV",
@@ -47,6 +57,7 @@ __all__ = [
     "kill_job",
     "kill_jobs_with_prefix",
     "run_command",
+    "run_limits",
 ]
 
 JOB_ENV = "LOOPTREE_JOB"
@@ -80,9 +91,23 @@ class Limits:
     """
 
     cpu_seconds: int | None = None  # RLIMIT_CPU: SIGXCPU at the limit, SIGKILL one second later
-    address_space_mb: int | None = None  # RLIMIT_AS
+    address_space_mb: int | None = None  # RLIMIT_AS (breaks CUDA: only for tests and CPU tools)
     open_files: int | None = 4096  # RLIMIT_NOFILE
     core_dump: bool = False  # RLIMIT_CORE is 0 unless True: a crashing bench must not fill the disk
+    memory_mb: int | None = None  # the memory ceiling: a cgroup v2 group, else RLIMIT_DATA
+    cgroup_parent: str | None = None  # a writable cgroup v2 folder with the memory controller on
+    log_bytes: int | None = None  # output kept per command (head + tail); None keeps everything
+
+
+def run_limits(config: Any) -> tuple[Limits, MemoryPlan]:
+    """The limits every project command of a run gets (run, ``eval`` and ``kernelbench`` alike),
+    and how its memory ceiling is enforced (recorded in ``run_started.memory``)."""
+    plan = memory_plan(config)
+    bench = config.bench
+    limits = Limits(cpu_seconds=bench.cpu_limit_s or None, open_files=bench.open_files,
+                    memory_mb=plan.limit_mb, cgroup_parent=plan.cgroup_parent,
+                    log_bytes=int(bench.log_limit_mb * 1024 * 1024))
+    return limits, plan
 
 
 @dataclass
@@ -99,6 +124,8 @@ class ProcResult:
     duration_s: float
     log_path: Path
     tail: str  # last ~4 KB of combined stdout+stderr, for failure reasons
+    note: str = ""  # a limit the command ran into ("exceeded the memory limit ..."), for the reason
+    cut_bytes: int = 0  # output bytes dropped from the middle of the log by the log cap
 
     @property
     def ok(self) -> bool:
@@ -120,6 +147,26 @@ def _load_prctl() -> Callable[..., int] | None:
 
 
 _PRCTL = _load_prctl()
+
+_FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+_BLOCK = 4096
+LOG_CHECK_S = 0.25
+"""How often a capped log's size is looked at while its command runs (one fstat)."""
+
+
+def _load_fallocate() -> Callable[..., int] | None:
+    """libc's fallocate, to free the middle of an over-long log while it is still written."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        return fn  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_FALLOCATE = _load_fallocate()
 
 
 def _rlimit_pairs(limits: Limits) -> list[tuple[int, tuple[int, int]]]:
@@ -145,18 +192,27 @@ def _rlimit_pairs(limits: Limits) -> list[tuple[int, tuple[int, int]]]:
     if limits.open_files is not None:
         nofile = max(3, int(limits.open_files))
         clamp(resource.RLIMIT_NOFILE, nofile, nofile)
+    if limits.memory_mb is not None and limits.cgroup_parent is None:
+        data = max(16, int(limits.memory_mb)) * 1024 * 1024
+        clamp(resource.RLIMIT_DATA, data, data)
     if not limits.core_dump:
         _, core_hard = resource.getrlimit(resource.RLIMIT_CORE)
         pairs.append((resource.RLIMIT_CORE, (0, core_hard)))
     return pairs
 
 
-def _make_preexec(limits: Limits) -> Callable[[], None]:
+def _make_preexec(limits: Limits, cgroup_procs: str | None = None) -> Callable[[], None]:
     pairs = _rlimit_pairs(limits)
     prctl = _PRCTL
     parent_pid = os.getpid()
 
     def preexec() -> None:  # runs in the forked child, before exec
+        if cgroup_procs is not None:  # join the command's memory group before anything runs
+            cg = os.open(cgroup_procs, os.O_WRONLY)
+            try:
+                os.write(cg, b"0")
+            finally:
+                os.close(cg)
         for res, value in pairs:
             resource.setrlimit(res, value)
         if prctl is not None:
@@ -267,7 +323,7 @@ def kill_jobs_with_prefix(prefix: str) -> int:
 # Log file helpers (small local writes; the end-of-run one shares a worker thread with the sweep)
 
 
-def _open_log(log_path: Path, command: str, job_tag: str, cwd: Path) -> tuple[int, int]:
+def _open_log(log_path: Path, command: str, job_tag: str, cwd: Path, sandbox: str = "off") -> tuple[int, int]:
     """Open the log for appending, write the header; return (fd, offset where output starts).
 
     O_RDWR (not O_WRONLY) so the same descriptor can ``pread`` the tail afterwards; O_APPEND so
@@ -277,7 +333,7 @@ def _open_log(log_path: Path, command: str, job_tag: str, cwd: Path) -> tuple[in
     fd = os.open(log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     try:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        header = f"### looptree {stamp} job={job_tag} cwd={cwd}\n$ {command}\n"
+        header = f"### looptree {stamp} job={job_tag} cwd={cwd} sandbox={sandbox}\n$ {command}\n"
         os.write(fd, header.encode("utf-8", "replace"))
         return fd, os.fstat(fd).st_size
     except BaseException:
@@ -285,9 +341,57 @@ def _open_log(log_path: Path, command: str, job_tag: str, cwd: Path) -> tuple[in
         raise
 
 
-def _finish_log(fd: int, start: int, rc: int | None, duration_s: float, status: str) -> str:
-    """Read the output's tail, append the footer, close the log; return the tail."""
+def _punch_middle(fd: int, start: int, cap: int, done: int) -> int:
+    """Free the disk blocks of an over-long output's middle while the command still writes.
+
+    The file keeps its size (a sparse hole), so the command's O_APPEND writes go on untouched;
+    ``_compact`` rewrites it at the end. Returns the offset punched up to (``done`` if nothing).
+    """
+    if _FALLOCATE is None:
+        return done
+    size = os.fstat(fd).st_size
+    if size - start <= cap:
+        return done
+    low = max(done, -(-(start + cap // 2) // _BLOCK) * _BLOCK)
+    high = (size - (cap - cap // 2)) // _BLOCK * _BLOCK
+    if high - low < 16 * _BLOCK:
+        return done
+    if _FALLOCATE(fd, _FALLOC_PUNCH, low, high - low) != 0:
+        return done  # the file system cannot punch holes: the end-of-command compaction still cuts
+    return high
+
+
+def _compact(fd: int, start: int, cap: int) -> int:
+    """Keep the first and the last ``cap/2`` bytes of the output, at line ends; return the bytes cut."""
+    end = os.fstat(fd).st_size
+    if end - start <= cap:
+        return 0
+    head_n, tail_n = cap // 2, cap - cap // 2
+    head = os.pread(fd, head_n, start)
+    if b"\n" in head[:-1]:
+        head = head[: head.rindex(b"\n") + 1]
+    tail = os.pread(fd, tail_n, end - tail_n)
+    if b"\n" in tail[:-1]:
+        tail = tail[tail.index(b"\n") + 1:]
+    cut = (end - start) - len(head) - len(tail)
+    os.ftruncate(fd, start + len(head))
+    lead = b"" if not head or head.endswith(b"\n") else b"\n"
+    marker = (f"### looptree: {cut} bytes of output cut here (log cap {cap} bytes; "
+              f"kept the first {len(head)} and the last {len(tail)})\n").encode()
+    os.write(fd, lead + marker + tail)
+    return cut
+
+
+def _finish_log(fd: int, start: int, rc: int | None, duration_s: float, status: str,
+                cap: int | None = None) -> tuple[str, int]:
+    """Cap the output, read its tail, append the footer, close the log; return (tail, bytes cut)."""
+    cut = 0
     try:
+        if cap is not None:
+            try:
+                cut = _compact(fd, start, cap)
+            except OSError:
+                cut = 0  # a log we cannot rewrite stays whole rather than losing the footer
         end = os.fstat(fd).st_size
         begin = max(start, end - TAIL_BYTES)
         data = os.pread(fd, end - begin, begin) if end > begin else b""
@@ -296,7 +400,7 @@ def _finish_log(fd: int, start: int, rc: int | None, duration_s: float, status: 
             tail = tail.split("\n", 1)[1]
         lead = "" if not data or data.endswith(b"\n") else "\n"
         os.write(fd, f"{lead}### looptree {status} rc={rc} duration={duration_s:.3f}s\n".encode())
-        return tail
+        return tail, cut
     finally:
         os.close(fd)
 
@@ -349,19 +453,100 @@ async def _terminate(proc: asyncio.subprocess.Process, job_tag: str) -> None:
     _killpg(pgid, signal.SIGKILL)
 
 
-def _after_exit(
-    pgid: int, job_tag: str, fd: int, start: int, rc: int | None, duration_s: float, status: str
-) -> str:
+@dataclass
+class _Run:
+    """What one command's clean-up needs: its log, its memory group, its limits."""
+
+    job_tag: str
+    fd: int
+    start: int
+    limits: Limits
+    cgroup: Path | None = None
+    punched: int = 0
+    sweep: bool = True  # scan the process table for tagged leftovers (a sandbox's PID namespace needs none)
+
+
+def _make_cgroup(limits: Limits, job_tag: str) -> Path | None:
+    """A fresh cgroup v2 group with ``memory.max`` set for one command, or None if it cannot be made."""
+    if limits.memory_mb is None or limits.cgroup_parent is None:
+        return None
+    global _cgroup_seq
+    _cgroup_seq += 1
+    safe = "".join(c if c.isalnum() else "-" for c in job_tag)[-60:]
+    group = Path(limits.cgroup_parent) / f"looptree-{os.getpid()}-{_cgroup_seq}-{safe}"
+    try:
+        group.mkdir()
+        (group / "memory.max").write_text(str(int(limits.memory_mb) * 1024 * 1024))
+        with contextlib.suppress(OSError):
+            (group / "memory.swap.max").write_text("0")
+        return group
+    except OSError:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+        return None
+
+
+_cgroup_seq = 0
+
+_OOM_WORDS = ("memoryerror", "cannot allocate memory", "bad_alloc", "out of memory", "oom")
+
+
+def _memory_note(run: _Run, rc: int | None, tail: str) -> str:
+    """Say so when the command ran into the memory ceiling (the cgroup counts its OOM kills)."""
+    mb = run.limits.memory_mb
+    if mb is None or rc == 0:
+        return ""
+    if run.cgroup is not None:
+        try:
+            events = dict(line.split() for line in (run.cgroup / "memory.events").read_text().splitlines())
+            if int(events.get("oom_kill", "0")) > 0:
+                return f"killed at the memory limit of {mb} MiB: bench.memory_limit_mb, cgroup v2"
+        except (OSError, ValueError):
+            pass
+        return ""
+    if any(word in tail.lower() for word in _OOM_WORDS):
+        return f"ran into the memory limit of {mb} MiB: bench.memory_limit_mb, RLIMIT_DATA"
+    return ""
+
+
+def _drop_cgroup(group: Path | None) -> None:
+    """Kill what is left in the group and remove it (a group with members cannot be removed)."""
+    if group is None:
+        return
+    with contextlib.suppress(OSError):  # no O_CREAT: kernels before 5.14 have no cgroup.kill
+        fd = os.open(group / "cgroup.kill", os.O_WRONLY)
+        try:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)
+    for _ in range(50):
+        try:
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
+def _after_exit(pgid: int, run: _Run, rc: int | None, duration_s: float, status: str) -> tuple[str, int, str]:
     """Everything that follows the shell's exit, in one worker-thread hop: kill leftovers, log.
 
     Runs on normal exit too: a daemonised leftover must not outlive its node.
+    Returns (tail, bytes cut from the log, limit note).
     """
+    tail, cut, note = "", 0, ""
     try:
         _killpg(pgid, signal.SIGKILL)
-        _sweep(job_tag, False, signal.SIGKILL)
+        if run.sweep:
+            _sweep(run.job_tag, False, signal.SIGKILL)
     finally:
-        tail = _finish_log(fd, start, rc, duration_s, status)
-    return tail
+        try:
+            tail, cut = _finish_log(run.fd, run.start, rc, duration_s, status, run.limits.log_bytes)
+            note = _memory_note(run, rc, tail)
+        finally:
+            _drop_cgroup(run.cgroup)
+    return tail, cut, note
 
 
 async def _reap(wait_task: asyncio.Future[int]) -> None:
@@ -384,11 +569,18 @@ async def run_command(
     limits: Limits = Limits(),
     on_tick: Callable[[], Awaitable[None]] | None = None,
     tick_interval: float = 0.25,
+    sandbox: Sandbox | None = None,
+    private_dir: Path | None = None,
+    device: int | None = None,
+    protect: Sequence[str] = (),
 ) -> ProcResult:
     """Run ``command`` with ``/bin/sh -c`` and make sure nothing it started survives it.
 
     The child's environment is exactly ``env`` plus ``LOOPTREE_JOB=job_tag`` (the caller decides
-    what else leaks through). ``on_tick`` is awaited every ``tick_interval`` seconds while the
+    what else leaks through). With a ``sandbox`` the shell runs contained (``engine.sandbox``):
+    ``private_dir`` then holds its HOME and caches, ``device`` names the GPU it holds and
+    ``protect`` lists files (relative to ``cwd``) that stay read-only inside the worktree.
+    ``on_tick`` is awaited every ``tick_interval`` seconds while the
     command runs (the evaluator tails the metrics CSV with it); if it raises, the command is
     killed and the exception propagates; if it runs past the deadline, that is a timeout. On
     timeout the process tree is killed and the result says ``timed_out``; on cancellation the
@@ -401,28 +593,36 @@ async def run_command(
     log_path = Path(log_path)
     child_env = dict(env)
     child_env[JOB_ENV] = job_tag
-    fd, start = _open_log(log_path, command, job_tag, cwd)
+    argv = ["/bin/sh", "-c", command]
+    if sandbox is not None and cwd.is_dir():  # a missing cwd fails below, the same as uncontained
+        argv, child_env = sandbox.wrap(argv, cwd=cwd, env=child_env, private_dir=private_dir, device=device,
+                                       protect=protect)
+    fd, start = _open_log(log_path, command, job_tag, cwd, "bubblewrap" if sandbox is not None else "off")
     _running[job_tag] = False
+    group = _make_cgroup(limits, job_tag)
+    if group is None and limits.cgroup_parent is not None:  # no group after all: RLIMIT_DATA instead
+        limits = replace(limits, cgroup_parent=None)
+    # Contained, the command's processes all die with bwrap's PID namespace: no table scan needed.
+    run = _Run(job_tag, fd, start, limits, group, sweep=sandbox is None)
     try:
-        return await _run(command, cwd, child_env, timeout, log_path, job_tag, limits, on_tick,
-                          tick_interval, fd, start)
+        return await _run(argv, cwd, child_env, timeout, log_path, run, on_tick, tick_interval)
     finally:
         _running.pop(job_tag, None)
 
 
 async def _run(
-    command: str, cwd: Path, child_env: dict[str, str], timeout: float, log_path: Path,
-    job_tag: str, limits: Limits, on_tick: Callable[[], Awaitable[None]] | None,
-    tick_interval: float, fd: int, start: int,
+    argv: list[str], cwd: Path, child_env: dict[str, str], timeout: float, log_path: Path, run: _Run,
+    on_tick: Callable[[], Awaitable[None]] | None, tick_interval: float,
 ) -> ProcResult:
-    """The body of run_command; owns ``fd`` (closes it on every path)."""
+    """The body of run_command; owns ``run.fd`` (closes it on every path)."""
     t0 = time.monotonic()
+    job_tag, fd, start = run.job_tag, run.fd, run.start
     try:
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", command,
+            *argv,
             cwd=cwd, env=child_env, stdin=asyncio.subprocess.DEVNULL, stdout=fd,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_make_preexec(limits),
+            preexec_fn=_make_preexec(run.limits, str(run.cgroup / "cgroup.procs") if run.cgroup else None),
         )
     except asyncio.CancelledError:
         # Cancelled mid-spawn: asyncio kills the shell itself; sweep in case it got further.
@@ -430,18 +630,21 @@ async def _run(
             _sweep(job_tag, False, signal.SIGKILL)
         finally:
             _finish_log(fd, start, None, time.monotonic() - t0, "cancelled")
+            _drop_cgroup(run.cgroup)
         raise
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         with contextlib.suppress(OSError):
             os.write(fd, f"looptree: could not start the command: {exc}\n".encode())
         duration = time.monotonic() - t0
-        tail = _finish_log(fd, start, None, duration, "failed to start")
+        tail, _ = _finish_log(fd, start, None, duration, "failed to start")
+        _drop_cgroup(run.cgroup)
         return ProcResult(None, False, False, duration, log_path, tail)
 
     wait_task: asyncio.Future[int] = asyncio.ensure_future(proc.wait())
     timed_out = False
     status = "exited"
     handed_off = False  # _after_exit (which closes fd) has been given to a worker thread
+    cap = run.limits.log_bytes
     try:
         deadline = t0 + timeout
         while not wait_task.done():
@@ -450,7 +653,12 @@ async def _run(
                 timed_out = True
                 break
             step = remaining if on_tick is None else min(tick_interval, remaining)
+            if cap is not None:
+                step = min(step, LOG_CHECK_S)
             await asyncio.wait({wait_task}, timeout=step)
+            if cap is not None:
+                with contextlib.suppress(OSError):
+                    run.punched = _punch_middle(fd, start, cap, run.punched)
             if on_tick is not None and not wait_task.done():
                 try:
                     # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result and
@@ -469,9 +677,9 @@ async def _run(
         if killed:
             status = "killed on request"
         after = asyncio.ensure_future(asyncio.to_thread(
-            _after_exit, proc.pid, job_tag, fd, start, proc.returncode, duration, status))
+            _after_exit, proc.pid, run, proc.returncode, duration, status))
         handed_off = True
-        tail = await asyncio.shield(after)
+        tail, cut, note = await asyncio.shield(after)
     except BaseException as exc:  # cancellation or on_tick failure: never leave it running
         if not handed_off:
             status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "aborted"
@@ -480,16 +688,13 @@ async def _run(
                 await _terminate(proc, job_tag)
                 await _reap(wait_task)
                 after = asyncio.ensure_future(asyncio.to_thread(
-                    _after_exit, proc.pid, job_tag, fd, start, proc.returncode,
-                    time.monotonic() - t0, status))
+                    _after_exit, proc.pid, run, proc.returncode, time.monotonic() - t0, status))
                 handed_off = True
                 await asyncio.shield(after)
         except BaseException:  # cancelled again mid-cleanup: finish the job synchronously
             _killpg(proc.pid, signal.SIGKILL)
             if not handed_off:
                 with contextlib.suppress(Exception):
-                    _after_exit(proc.pid, job_tag, fd, start, proc.returncode,
-                                time.monotonic() - t0, status)
+                    _after_exit(proc.pid, run, proc.returncode, time.monotonic() - t0, status)
         raise
-    return ProcResult(proc.returncode, timed_out, killed, duration, log_path, tail)
-
+    return ProcResult(proc.returncode, timed_out, killed, duration, log_path, tail, note, cut)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from looptree.engine.procs import (
     JOB_ENV,
     Limits,
@@ -403,3 +402,72 @@ def test_shell_dies_with_the_engine(tmp_path: Path, env: dict[str, str]) -> None
     finally:
         engine.kill()
         kill_job(tag)
+
+
+# ---------------------------------------------------------------------------- sandbox and caps
+
+
+def _sandbox(tmp_path: Path):
+    from looptree.engine.sandbox import Sandbox, find_bwrap
+
+    bwrap, why = find_bwrap()
+    assert bwrap is not None, why
+    return Sandbox(bwrap=bwrap, hide=(str(tmp_path),))
+
+
+async def test_sandboxed_timeout_kills_the_whole_namespace(tmp_path: Path, env: dict[str, str]) -> None:
+    token = uuid.uuid4().hex
+    sleeper = f"{sys.executable} -c 'import time; time.sleep(60)' {token}"
+    command = f"env -i {sleeper} & setsid {sleeper} & exec {sleeper}"
+    res = await _run(tmp_path, env, command, timeout=0.5, sandbox=_sandbox(tmp_path))
+    assert res.timed_out and not res.ok and res.duration_s < 3
+    await asyncio.sleep(0.2)
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if token in " ".join(p.info["cmdline"] or [])]
+    assert left == []
+
+
+async def test_sandboxed_rc_and_signal_pass_through(tmp_path: Path, env: dict[str, str]) -> None:
+    sandbox = _sandbox(tmp_path)
+    assert (await _run(tmp_path, env, "exit 7", sandbox=sandbox)).rc == 7
+    res = await _run(tmp_path, env, "kill -SEGV $$", sandbox=sandbox)
+    assert res.rc in (-signal.SIGSEGV, 128 + signal.SIGSEGV)  # bwrap reports a signalled child as 128+N
+    assert "sandbox=bubblewrap" in (tmp_path / "logs" / "run.log").read_text()
+
+
+async def test_sandboxed_cancellation_kills_and_reraises(tmp_path: Path, env: dict[str, str]) -> None:
+    token = uuid.uuid4().hex
+    task = asyncio.ensure_future(_run(tmp_path, env, f"{sys.executable} -c 'import time; time.sleep(60)' {token}",
+                                      timeout=30, sandbox=_sandbox(tmp_path)))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.2)
+    assert [p for p in psutil.process_iter(["cmdline"]) if token in " ".join(p.info["cmdline"] or [])] == []
+
+
+async def test_log_cap_frees_disk_while_the_command_runs(tmp_path: Path, env: dict[str, str]) -> None:
+    """A chatty command's log keeps its head and tail; the middle's blocks are freed as it goes."""
+    script = ("import sys, time\nsys.stdout.write('FIRST\\n')\nfor _ in range(400):\n"
+              "    sys.stdout.write('y' * 99999 + '\\n')\nsys.stdout.flush()\ntime.sleep(1.0)\nprint('LAST')\n")
+    (tmp_path / "chatty.py").write_text(script)
+    log = tmp_path / "logs" / "run.log"
+    on_disk: list[int] = []
+
+    async def sample() -> None:
+        if log.exists():
+            on_disk.append(log.stat().st_blocks * 512)
+
+    cap = 1 << 20
+    res = await _run(tmp_path, env, f"{sys.executable} chatty.py", limits=Limits(log_bytes=cap), on_tick=sample)
+    assert res.ok and res.cut_bytes > 38_000_000
+    assert on_disk and min(on_disk[-3:]) < 4 * cap  # while it slept, the 40 MB were no longer on disk
+    text = log.read_text()
+    assert "FIRST" in text and "LAST" in text and f"{res.cut_bytes} bytes of output cut" in text
+    assert log.stat().st_size < cap + 4096
+
+
+async def test_rlimit_data_is_the_memory_ceiling_without_a_cgroup(tmp_path: Path, env: dict[str, str]) -> None:
+    res = await _run(tmp_path, env, "ulimit -d", limits=Limits(memory_mb=256))
+    assert (tmp_path / "logs" / "run.log").read_text().splitlines()[2].strip() == str(256 * 1024)
+    assert res.ok
