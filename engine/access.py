@@ -12,6 +12,9 @@ Pattern language (all relative to the project root, anchored there, `/`-separate
   `secrets/.env`): there the safe side is to match more. Writable patterns do not (like a
   shell), so `**/*.py` never makes `.venv/...` writable; name a dot path explicitly to allow it.
 - Precedence: hidden > readonly > writable. `.git` and `.looptree` are always hidden.
+- `hidden_needed` patterns name hidden files a command (build, check, bench) reads: they stay in
+  a candidate's worktree; every other hidden file is removed from it (`drop_hidden`). Either
+  way a hidden file never reaches a prompt (engine.llm.redact scrubs what the code prints).
 """
 
 from __future__ import annotations
@@ -22,9 +25,8 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from wcmatch import glob
-
 from looptree.engine.errors import ConfigError, EditRejected
+from wcmatch import glob
 
 Kind = Literal["writable", "readonly", "hidden", "outside"]
 
@@ -129,10 +131,12 @@ def _normalize_rel(relpath: str) -> str | None:
 class AccessPolicy:
     """The writable / readonly / hidden rules of one project."""
 
-    def __init__(self, writable: list[str], readonly: list[str], hidden: list[str]) -> None:
+    def __init__(self, writable: list[str], readonly: list[str], hidden: list[str],
+                 hidden_needed: list[str] | None = None) -> None:
         self._writable = _PatternSet(writable, dotglob=False)
         self._readonly = _PatternSet(readonly, dotglob=True)
         self._hidden = _PatternSet(hidden, dotglob=True)
+        self._needed = _PatternSet(hidden_needed or [], dotglob=True)
 
     @property
     def writable_patterns(self) -> list[str]:
@@ -287,3 +291,46 @@ class AccessPolicy:
             if all(hit):
                 break
         return [pat for pat, ok in zip(self._writable.original, hit) if not ok]
+
+    # ---- hidden files ---------------------------------------------------------------------------
+    def hidden_files(self, root: Path) -> list[str]:
+        """Existing files (and symlinks) under root that the user's hidden patterns cover.
+
+        `.git` and `.looptree` are not listed: they are looptree's business, not project files.
+        """
+        out = []
+        for rel, full in self._walk(root, [self._hidden]):
+            if self._hidden.match(rel) and (full.is_symlink() or full.is_file()):
+                out.append(rel)
+        return out
+
+    def needed(self, rel: str) -> bool:
+        """Is this hidden file one a command reads (`project.hidden_needed`)?"""
+        return self._needed.match(rel)
+
+    def drop_hidden(self, root: Path) -> list[str]:
+        """Remove from a candidate's worktree every hidden file no command needs; return them.
+
+        The worktree is looptree's own checkout: the files stay in the commit (and in the user's
+        project), so nothing is lost, and the candidate's code cannot print what is not there.
+        """
+        dropped = []
+        for rel in self.hidden_files(root):
+            if self.needed(rel):
+                continue
+            try:
+                (root / rel).unlink()
+            except FileNotFoundError:
+                continue
+            dropped.append(rel)
+        return dropped
+
+    def unmatched_needed(self, root: Path) -> list[str]:
+        """`hidden_needed` patterns (as written) that match no hidden file under root."""
+        hidden = self.hidden_files(root)
+        return [pat for idx, pat in enumerate(self._needed.original)
+                if not any(idx in self._needed.matching(rel) for rel in hidden)]
+
+    def has_writable_file(self, root: Path) -> bool:
+        """Does any existing file end up writable once hidden and readonly patterns have had their say?"""
+        return "writable" in self.visible_files(root).values()

@@ -3,6 +3,11 @@
 Why templates in files: users tune prompts without touching code (`[prompts]` paths in the
 config override the packaged ones), and every prompt's text is hashed onto its node so later
 analysis can tell which prompt produced which result.
+
+Every value filled into a template except the rendered files (which the access policy already
+filtered) passes through `scrub` first: log tails, failure reasons, metric names and the agents'
+earlier text can all be shaped by the candidate's code, which may have printed a hidden file or
+a secret (`engine.llm.redact.PromptScrubber`). This is the one redaction step before a prompt.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -17,6 +23,12 @@ from string import Template
 from typing import Any
 
 from looptree.engine.access import AccessPolicy
+from looptree.engine.llm.redact import (
+    HiddenIndex,
+    PromptScrubber,
+    env_secrets,
+    read_hidden_texts,
+)
 from looptree.engine.metrics import MetricSpec
 
 TEMPLATE_NAMES = ("system", "ideas", "optimize", "improve", "fix")
@@ -71,6 +83,21 @@ def cut_log(text: str, limit: int = MAX_LOG_CHARS) -> str:
     return "... (earlier output cut)\n" + tail[tail.find("\n") + 1:]
 
 
+def scrubber_for(root: Path, policy: AccessPolicy, key_envs: list[str], cassette: Path | None = None) -> PromptScrubber:
+    """The prompt scrubber of a project: its hidden files' text, the secret environment values.
+
+    Read from the user's project (not a worktree): hidden files that are gitignored, or kept out
+    of worktrees, are still within reach of code that runs unsandboxed. The replay cassette is
+    left out: it is hidden so agents do not read their own future replies, but it holds LLM
+    text, which prompts echo (ideas, earlier replies); no secret of the user's is in it.
+    """
+    root = root.resolve()
+    skip = cassette.resolve() if cassette is not None else None
+    hidden = read_hidden_texts(root / rel for rel in policy.hidden_files(root) if (root / rel).resolve() != skip)
+    visible = read_hidden_texts(root / rel for rel in policy.visible_files(root))
+    return PromptScrubber(HiddenIndex(hidden, visible), env_secrets(extra_names=key_envs))
+
+
 @dataclass
 class PromptBuilder:
     templates: dict[str, str]
@@ -78,13 +105,18 @@ class PromptBuilder:
     policy: AccessPolicy
     writable: list[str]
     readonly: list[str]
+    scrub: Callable[[str], str] = lambda text: text
 
-    def _fill(self, name: str, **values: Any) -> str:
-        return Template(self.templates[name]).safe_substitute({k: str(v) for k, v in values.items()})
+    def _fill(self, name: str, files: str = "", **untrusted: Any) -> str:
+        """The template with `files` as rendered and every other value scrubbed."""
+        values = {k: self.scrub(str(v)) for k, v in untrusted.items()}
+        values["files"] = files
+        return Template(self.templates[name]).safe_substitute(values)
 
     def system(self) -> str:
-        return self._fill("system", goal=self.goal, writable=", ".join(self.writable),
-                          readonly=", ".join(self.readonly) or "(none)")
+        # The user's own config, not the candidate's output: nothing to scrub.
+        return Template(self.templates["system"]).safe_substitute(
+            goal=self.goal, writable=", ".join(self.writable), readonly=", ".join(self.readonly) or "(none)")
 
     def messages(self, user: str) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.system()}, {"role": "user", "content": user}]
@@ -105,7 +137,7 @@ class PromptBuilder:
                           history=history, others=others_text, hint=hint_text, files=render_files(root, self.policy))
 
     def fix(self, root: Path, stage: str, reason: str, log_tail: str, previous_reply: str) -> str:
-        return self._fill("fix", stage=stage, reason=reason, log_tail=cut_log(log_tail) or "(no output)",
+        return self._fill("fix", stage=stage, reason=reason, log_tail=cut_log(self.scrub(log_tail)) or "(no output)",
                           previous_reply=previous_reply.strip() or "(none)", files=render_files(root, self.policy))
 
 
@@ -115,9 +147,9 @@ _LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+(.*\S)\s*$")
 def parse_ideas(text: str, limit: int) -> list[str]:
     """A JSON array of strings, or failing that a numbered/bulleted list (contract)."""
     stripped = text.strip()
-    fence = re.search(r"```(?:json)?\s*(\[.*?\])\s*```", stripped, re.S)
+    fence = re.search(r"```(?:json)?\s*(\[.*?\])\s*```", stripped, re.DOTALL)
     candidates = [fence.group(1)] if fence else []
-    bracket = re.search(r"\[.*\]", stripped, re.S)
+    bracket = re.search(r"\[.*\]", stripped, re.DOTALL)
     if bracket:
         candidates.append(bracket.group(0))
     for candidate in candidates:

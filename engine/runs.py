@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from looptree.engine.errors import LooptreeError
+
+# A run that ended with one of these has nothing left to do: `resume` and `ctl` refuse it. A run
+# stopped by the user, a signal or its budget (or an error) stays resumable.
+DONE_REASONS = ("phases done", "early stop")
 
 
 def runs_root(project_dir: Path) -> Path:
@@ -32,3 +37,10 @@ def resolve_run_dir(text: str) -> Path:
         if runs:
             return runs[-1]
     raise LooptreeError(f"{text} is not a run directory (expected <project>/.looptree/runs/<N> with an events.jsonl)")
+
+
+def check_resumable(state: Any, run_dir: Path, what: str) -> None:
+    """Refuse `resume`/`ctl` on a run that finished its work (state: engine.state.RunState)."""
+    if state.finished in DONE_REASONS:
+        raise LooptreeError(f"run {state.run} in {run_dir} ended ({state.finished}); there is nothing to {what} - "
+                            f"start a new run with `looptree run`")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from looptree.engine.access import AccessPolicy
 from looptree.engine.errors import ConfigError, EditRejected
 
@@ -276,3 +275,23 @@ def test_walk_pruning_only_skips_unreachable_directories() -> None:
     assert not ps.may_match_under("kernels/.cache")  # '**' does not enter dot dirs here
     dot = _PatternSet(["**/*.key"], dotglob=True)
     assert dot.may_match_under(".ssh")
+
+
+# ---------------------------------------------------------------------------- hidden files in worktrees
+
+
+def test_hidden_files_needed_ones_and_dropping_the_rest(tmp_path: Path) -> None:
+    for rel in ("solver.py", "bench.py", "hidden/holdout.json", "hidden/notes/.answers", "secrets.env"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    (tmp_path / ".git").write_text("gitdir: elsewhere\n")  # a worktree's .git file is not a hidden file
+    pol = AccessPolicy(writable=["solver.py"], readonly=["bench.py"], hidden=["hidden/", "secrets.env"],
+                       hidden_needed=["hidden/holdout.json"])
+    assert sorted(pol.hidden_files(tmp_path)) == ["hidden/holdout.json", "hidden/notes/.answers", "secrets.env"]
+    assert pol.unmatched_needed(tmp_path) == []
+    assert sorted(pol.drop_hidden(tmp_path)) == ["hidden/notes/.answers", "secrets.env"]
+    assert (tmp_path / "hidden/holdout.json").exists() and not (tmp_path / "secrets.env").exists()
+    assert (tmp_path / ".git").exists() and (tmp_path / "solver.py").exists()
+    assert pol.has_writable_file(tmp_path)
+    assert AccessPolicy(["solver.py"], [], ["hidden/"], ["solver.py"]).unmatched_needed(tmp_path) == ["solver.py"]
+    assert not AccessPolicy(["*.py"], ["*.py"], []).has_writable_file(tmp_path)

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
-
-from looptree.engine.control import CONTROL_NAME, COMMANDS, ControlTail, append_control, make_command, parse_budget
+from looptree.engine.control import (
+    COMMANDS,
+    CONTROL_NAME,
+    KEY_NAME,
+    MAX_READ,
+    ControlTail,
+    append_control,
+    control_key,
+    make_command,
+    new_budget,
+    parse_budget,
+    sign_record,
+)
 from looptree.engine.errors import LooptreeError
-
 
 # ---------------------------------------------------------------------------- make_command
 
@@ -124,27 +135,94 @@ def test_each_command_is_one_json_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and json.loads(lines[0])["hint"] == "line one\nline two"
 
 
+def _signed_line(run_dir: Path, record: dict, at: int) -> str:
+    """A line as `append_control` writes it at byte `at` (for tests that write it in pieces)."""
+    body = dict(record, at=at)
+    body["sig"] = sign_record(control_key(run_dir), body)
+    return json.dumps(body, separators=(",", ":")) + "\n"
+
+
 def test_poll_waits_for_a_partial_line(tmp_path: Path) -> None:
     path = tmp_path / CONTROL_NAME
-    line = json.dumps({"ts": 1.0, "cmd": "stop"}) + "\n"
+    line = _signed_line(tmp_path, {"ts": 1.0, "cmd": "stop"}, 0)
+    second = _signed_line(tmp_path, {"ts": 1.0, "cmd": "stop"}, len(line))
     tail = ControlTail(path)
     path.write_text(line[:7])
     assert tail.poll() == [] and tail.offset == 0
     with open(path, "a") as fh:
-        fh.write(line[7:] + line[:3])
+        fh.write(line[7:] + second[:3])
     assert [r["cmd"] for r in tail.poll()] == ["stop"]
     assert tail.offset == len(line)
     with open(path, "a") as fh:
-        fh.write(line[3:])
+        fh.write(second[3:])
     assert [r["cmd"] for r in tail.poll()] == ["stop"]
-    assert tail.offset == 2 * len(line)
+    assert tail.offset == len(line) + len(second)
 
 
-def test_poll_skips_garbage_and_unknown_commands(tmp_path: Path) -> None:
+def test_garbage_unsigned_and_unknown_lines_are_refused_not_obeyed(tmp_path: Path) -> None:
+    control_key(tmp_path)
     path = tmp_path / CONTROL_NAME
-    path.write_text('not json\n[1, 2]\n{"cmd": "explode"}\n{"no": "cmd"}\n{"ts": 1, "cmd": "resume"}\n')
+    path.write_text('not json\n[1, 2]\n{"cmd": "explode"}\n{"ts": 1, "cmd": "resume"}\n')
     records = ControlTail(path).poll()
-    assert records == [{"ts": 1, "cmd": "resume", "_offset": path.stat().st_size}]
+    assert all("_refused" in r for r in records) and len(records) == 4
+    assert [r["_refused"] for r in records] == ["not a JSON object", "not a JSON object", "not signed", "not signed"]
+    assert records[-1]["_offset"] == path.stat().st_size
+
+
+def test_forged_and_copied_lines_are_refused_and_a_real_one_still_works(tmp_path: Path) -> None:
+    append_control(tmp_path, make_command("pause"))
+    path = tmp_path / CONTROL_NAME
+    genuine = path.read_text()
+    forged = dict(json.loads(genuine), cmd="budget", tokens="+5000000")  # the signature of another line
+    with open(path, "a") as fh:
+        fh.write(json.dumps(forged) + "\n")
+        fh.write(genuine)  # a copy of a signed line, replayed at a later offset
+        wrong_key = dict(json.loads(genuine), at=path.stat().st_size)
+        wrong_key["sig"] = sign_record(b"\x00" * 32, wrong_key)
+        fh.write(json.dumps(wrong_key) + "\n")
+    append_control(tmp_path, make_command("budget", tokens="+10"))
+    records = ControlTail(path).poll()
+    assert records[0]["cmd"] == "pause" and "_refused" not in records[0]
+    assert records[1]["_refused"] == "bad signature"
+    assert records[2]["_refused"].startswith("signed for byte 0, found at byte")
+    assert records[3]["_refused"] == "bad signature"
+    assert records[4]["tokens"] == "+10" and "_refused" not in records[4]
+
+
+def test_the_key_is_private_and_shared_by_every_writer(tmp_path: Path) -> None:
+    key = control_key(tmp_path)
+    path = tmp_path / KEY_NAME
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert control_key(tmp_path) == key and len(key) == 32
+    assert control_key(tmp_path / "nowhere", create=False) is None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temporary key file was left"
+
+
+def test_a_run_without_a_key_refuses_every_line(tmp_path: Path) -> None:
+    path = tmp_path / CONTROL_NAME
+    path.write_text(json.dumps({"ts": 1, "cmd": "stop", "at": 0, "sig": "0" * 64}) + "\n")
+    assert ControlTail(path).poll()[0]["_refused"] == "the run has no control key"
+
+
+def test_an_overlong_line_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    path = tmp_path / CONTROL_NAME
+    path.write_bytes(b"x" * (MAX_READ * 2 + 10) + b"\n")
+    append_control(tmp_path, make_command("pause"))
+    tail = ControlTail(path)
+    seen = []
+    for _ in range(5):
+        seen += tail.poll()
+    assert [r.get("_refused") for r in seen] == [f"a line longer than {MAX_READ} bytes", None]
+    assert seen[1]["cmd"] == "pause" and tail.offset == path.stat().st_size
+
+
+def test_budget_below_one_token_is_refused() -> None:
+    assert new_budget(1000, "-999") == 1
+    assert new_budget(1000, "+5k") == 6000
+    with pytest.raises(LooptreeError, match="would leave 0 tokens"):
+        new_budget(1000, "-1000")
+    with pytest.raises(LooptreeError, match="at least 1 token"):
+        make_command("budget", tokens="0")
 
 
 def test_tail_can_start_from_a_saved_offset(tmp_path: Path) -> None:
