@@ -17,10 +17,12 @@ import than the whole harness spends here.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import re
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -157,6 +159,15 @@ def _parse_iteration(cell: str, where: str, row: int, column: str) -> int:
     return int(value)
 
 
+# Bounds on what one metrics file may cost the engine: a line (one row) is at most this long,
+# a file at most this many rows, and a poll reads at most ``_CHUNK`` bytes at a time. A bench
+# under test is hostile input: a 256 MiB field or a billion rows fails the node, never the run.
+MAX_LINE_BYTES = 64 * 1024
+MAX_ROWS = 100_000
+_CHUNK = 1 << 20
+_TAIL_CHECK = 256  # bytes compared on every poll to catch an in-place rewrite cheaply
+
+
 class CsvTail:
     """Incrementally read a CSV that another process appends to.
 
@@ -167,6 +178,14 @@ class CsvTail:
     was already read; a file truncated or replaced by different content restarts the tail
     (``restarts`` counts it; ``specs``, ``iterations`` and ``rows`` then describe the new file
     only). A malformed row raises ``MetricsError`` now and on every later poll.
+
+    Reading is bounded: the file is read in chunks, a line longer than ``MAX_LINE_BYTES`` (a
+    "field" with no newline) or more than ``MAX_ROWS`` rows is a ``MetricsError``, and what was
+    read is remembered as a length, a running hash and its last bytes, never kept whole.
+
+    Every row carries the engine's own record of when it was seen (``arrived``: the
+    ``time.monotonic()`` of the read that returned it) and where it ended in the file
+    (``offsets``): evidence that the bench under test cannot write (see ``engine.evidence``).
     """
 
     def __init__(self, path: Path, *, label: str | None = None) -> None:
@@ -175,10 +194,15 @@ class CsvTail:
         self.specs: list[MetricSpec] | None = None
         self.iterations: list[int] = []  # parallel to ``rows``
         self.rows: list[dict[str, float]] = []  # every row read so far, {column: value}
+        self.arrived: list[float] = []  # parallel to ``rows``: monotonic time of the read
+        self.offsets: list[int] = []  # parallel to ``rows``: byte offset just past the row
         self.restarts = 0
+        self.reads = 0  # reads that returned at least one row
         self.seen = False  # the file has existed at some poll
         self._header: list[str] | None = None
-        self._consumed = bytearray()  # the complete lines read so far, byte for byte
+        self._consumed_len = 0  # complete lines read so far, in bytes
+        self._consumed_hash = hashlib.sha256()  # of those bytes
+        self._consumed_tail = b""  # their last ``_TAIL_CHECK`` bytes
         self._ident: tuple[int, int] | None = None
         self._suspect = False  # the file shrank or vanished: verify before reading on
         self._error: MetricsError | None = None
@@ -187,12 +211,21 @@ class CsvTail:
     def _where(self) -> str:
         return f"metrics file {self.label}"
 
+    @property
+    def consumed(self) -> int:
+        """Bytes of complete lines read so far (what the file held at the last read)."""
+        return self._consumed_len
+
     def _restart(self) -> None:
         self.specs = None
         self._header = None
         self.iterations = []
         self.rows = []
-        self._consumed = bytearray()
+        self.arrived = []
+        self.offsets = []
+        self._consumed_len = 0
+        self._consumed_hash = hashlib.sha256()
+        self._consumed_tail = b""
         self._error = None
         self._suspect = False
         self.restarts += 1
@@ -212,17 +245,26 @@ class CsvTail:
             raise MetricsError(f"{self._where} has a header but no rows")
         return new
 
+    def size_now(self) -> int | None:
+        """The file's size now (``None`` when it is gone): did anything write after the last read?"""
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return None
+
     # -- reading -------------------------------------------------------------------------
 
     def _read(self, final: bool) -> list[dict[str, float]]:
+        now = time.monotonic()
         try:
             f = open(self.path, "rb")  # noqa: SIM115 - closed below; one open per poll
         except FileNotFoundError:
-            if self._consumed:
+            if self._consumed_len:
                 self._suspect = True  # deleted; it may be recreated
             if self._error is not None:
                 raise self._error
             return []
+        new: list[dict[str, float]] = []
         with f:
             self.seen = True
             st = os.fstat(f.fileno())
@@ -230,53 +272,104 @@ class CsvTail:
             if self._ident is not None and ident != self._ident:
                 self._suspect = True
             self._ident = ident
-            if self._consumed and not self._suspect and not self._last_line_matches(f):
+            if self._consumed_len and not self._suspect and not self._last_bytes_match(f):
                 self._suspect = True
             if self._suspect:
-                if st.st_size < len(self._consumed) and not final:
+                if st.st_size < self._consumed_len and not final:
                     # Shorter than what we read: mid-rewrite, or truncated for good. Wait.
                     if self._error is not None:
                         raise self._error
                     return []
-                f.seek(0)
-                if f.read(len(self._consumed)) == self._consumed:
+                if self._prefix_matches(f):
                     self._suspect = False  # rewritten with the same beginning: carry on
                 else:
                     self._restart()
             if self._error is not None:
                 raise self._error
-            f.seek(len(self._consumed))
-            data = f.read()
-        end = len(data) if final else data.rfind(b"\n") + 1
-        if end <= 0:
-            return []
-        complete = data[:end]
-        self._consumed += complete
-        try:
-            return self._parse_lines(complete)
-        except MetricsError as exc:
-            self._error = exc
-            raise
-
-    def _last_line_matches(self, f: BinaryIO) -> bool:
-        """Cheap check that the bytes already read are still there (catches in-place rewrites)."""
-        n = len(self._consumed)
-        k = min(n, 256)
-        return os.pread(f.fileno(), k, n - k) == bytes(self._consumed[n - k:])
-
-    def _parse_lines(self, chunk: bytes) -> list[dict[str, float]]:
-        text = chunk.decode("utf-8", errors="replace")
-        lines = [ln.rstrip("\r") for ln in text.split("\n")]
-        new: list[dict[str, float]] = []
-        for cells in csv.reader(ln for ln in lines if ln.strip()):
-            if self._header is None:
-                self.specs = parse_header(cells, source=self.label)
-                self._header = [c.strip().lstrip("\ufeff") for c in cells]
-                continue
-            new.append(self._parse_row(cells))
+            f.seek(self._consumed_len)
+            pending = b""
+            try:
+                while True:
+                    data = f.read(_CHUNK)
+                    if not data:
+                        break
+                    pending += data
+                    end = pending.rfind(b"\n") + 1
+                    if end:
+                        self._take(pending[:end], new, now)
+                        pending = pending[end:]
+                    if len(pending) > MAX_LINE_BYTES:
+                        self._too_long()
+                if final and pending:
+                    self._take(pending, new, now)
+            except MetricsError as exc:
+                self._error = exc
+                raise
+        if new:
+            self.reads += 1
         return new
 
-    def _parse_row(self, cells: list[str]) -> dict[str, float]:
+    def _too_long(self) -> None:
+        raise MetricsError(
+            f"{self._where}, row {len(self.rows) + 1}: metrics field larger than {MAX_LINE_BYTES} bytes "
+            "(a line that long is not a metrics row; the file was not read further)"
+        )
+
+    def _take(self, complete: bytes, new: list[dict[str, float]], now: float) -> None:
+        """Parse complete lines, then count them as read (a bad line is an error for good)."""
+        offset = self._consumed_len
+        for line in complete.splitlines(keepends=True):
+            offset += len(line)
+            if len(line) > MAX_LINE_BYTES:
+                self._too_long()
+            row = self._parse_line(line)
+            if row is not None:
+                if len(self.rows) >= MAX_ROWS:
+                    raise MetricsError(
+                        f"{self._where} has more than {MAX_ROWS} rows (a metrics file is a summary, "
+                        "not a log)"
+                    )
+                self._append_row(row, now, offset)
+                new.append(row[1])
+        self._consumed_len += len(complete)
+        self._consumed_hash.update(complete)
+        self._consumed_tail = (self._consumed_tail + complete)[-_TAIL_CHECK:]
+
+    def _last_bytes_match(self, f: BinaryIO) -> bool:
+        """Cheap check that the bytes already read are still there (catches in-place rewrites)."""
+        n = self._consumed_len
+        k = len(self._consumed_tail)
+        return os.pread(f.fileno(), k, n - k) == self._consumed_tail
+
+    def _prefix_matches(self, f: BinaryIO) -> bool:
+        """Does the file still begin with every byte read so far? (hashed in bounded chunks)"""
+        f.seek(0)
+        digest = hashlib.sha256()
+        left = self._consumed_len
+        while left > 0:
+            data = f.read(min(_CHUNK, left))
+            if not data:
+                return False
+            digest.update(data)
+            left -= len(data)
+        return digest.digest() == self._consumed_hash.digest()
+
+    def _parse_line(self, raw: bytes) -> tuple[int, dict[str, float]] | None:
+        """(iteration, values) for a data line; None for a blank line or the header."""
+        text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not text.strip():
+            return None
+        try:
+            cells = next(csv.reader([text]))
+        except (csv.Error, StopIteration) as exc:
+            raise MetricsError(f"{self._where}, row {len(self.rows) + 1}: not valid CSV ({exc})") from None
+        if self._header is None:
+            self.specs = parse_header(cells, source=self.label)
+            self._header = [c.strip().lstrip("\ufeff") for c in cells]
+            return None
+        return self._parse_row(cells)
+
+    def _parse_row(self, cells: list[str]) -> tuple[int, dict[str, float]]:
         assert self._header is not None and self.specs is not None
         row_no = len(self.rows) + 1
         if len(cells) != len(self._header):
@@ -290,9 +383,13 @@ class CsvTail:
             spec.column: _parse_float(cell, self._where, row_no, spec.column)
             for spec, cell in zip(self.specs, cells[1:])
         }
-        self.iterations.append(iteration)
-        self.rows.append(values)
-        return values
+        return iteration, values
+
+    def _append_row(self, row: tuple[int, dict[str, float]], now: float, offset: int) -> None:
+        self.iterations.append(row[0])
+        self.rows.append(row[1])
+        self.arrived.append(now)
+        self.offsets.append(offset)
 
 
 def read_metrics(path: Path, *, label: str | None = None) -> CsvTail:

@@ -130,3 +130,87 @@ async def test_interleaved_comparison_calls_a_real_speedup_better(tmp_path: Path
     sides = [f["side"] for t, f in emit.events if t == "stage_started" and f.get("stage") == "bench"]
     assert sides[:4] == ["parent", "candidate", "candidate", "parent"]
     assert len(outcome.parent_rows) == len(outcome.rows) == 5
+
+
+# ---------------------------------------------------------------------- hostile metrics files
+
+HUGE_FIELD = (
+    "import sys\n"
+    "with open('metrics.csv', 'w') as fh:\n"
+    "    fh.write('iteration,t (lower is better)\\n1,')\n"
+    "    chunk = '7' * (1 << 20)\n"
+    "    for _ in range(256):\n"  # a 256 MiB field, no newline
+    "        fh.write(chunk)\n"
+)
+
+
+async def test_a_256_mib_field_fails_the_node_not_the_run_and_memory_stays_bounded(tmp_path: Path) -> None:
+    """Before: csv raised `field larger than field limit` out of the tick hook and the run died."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        outcome, emit = await evaluate(tmp_path, HUGE_FIELD, bench={"timeout": 60})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (outcome.ok, outcome.stage) == (False, "metrics")
+    assert "metrics field larger than 65536 bytes" in outcome.reason
+    assert peak < 16 * 1024 * 1024, f"the engine held {peak / 2**20:.0f} MiB reading the file"
+    finished = [f for t, f in emit.events if t == "stage_finished" and f.get("stage") == "bench"]
+    assert finished and finished[-1]["ok"] is False
+
+
+async def test_a_flood_of_rows_fails_the_node_with_a_reason(tmp_path: Path) -> None:
+    bench = ("with open('metrics.csv', 'w') as fh:\n"
+             "    fh.write('iteration,t (lower is better)\\n')\n"
+             "    fh.write(''.join(f'{i},1.0\\n' for i in range(150_000)))\n")
+    outcome, _ = await evaluate(tmp_path, bench)
+    assert (outcome.ok, outcome.stage) == (False, "metrics")
+    assert "more than 100000 rows" in outcome.reason
+
+
+async def test_a_metrics_path_the_candidate_made_a_directory_fails_the_node(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / "metrics.csv").mkdir(parents=True)
+    (project / "metrics.csv" / "x").write_text("")
+    outcome, _ = await evaluate(tmp_path, GOOD_BENCH)
+    assert (outcome.ok, outcome.stage) == (False, "metrics")
+    assert "could not remove the old metrics file metrics.csv" in outcome.reason
+
+
+STREAMING = (
+    "import os, time\n"
+    "with open('metrics.csv', 'w') as fh:\n"
+    "    fh.write('iteration,t (lower is better)\\n')\n"
+    "    for i in range(1, 4):\n"
+    "        time.sleep(0.3)\n"
+    "        fh.write(f'{i},{V}\\n')\n"
+    "        fh.flush()\n"
+    "{EXTRA}"
+)
+
+
+async def test_rows_carry_engine_arrival_times_and_a_shape_for_children(tmp_path: Path) -> None:
+    outcome, emit = await evaluate(tmp_path, STREAMING.replace("{V}", "5.0").replace("{EXTRA}", ""))
+    assert outcome.ok and outcome.suspect is None
+    assert outcome.shape["rows"] == 3 and outcome.shape["iterations"] == [1, 2, 3]
+    assert outcome.shape["restarts"] == 0 and outcome.shape["bench_s"] >= 0.9
+    arrived = [f["arrived_s"] for t, f in emit.events if t == "metric_row" and f["repeat"] == 0]
+    assert len(arrived) == 3 and arrived == sorted(arrived)
+    assert arrived[0] >= 0.25 and arrived[-1] - arrived[0] >= 0.4  # streamed: seen as they were written
+
+
+async def test_extra_rows_against_the_expected_shape_make_the_outcome_suspect(tmp_path: Path) -> None:
+    forged = STREAMING.replace("{V}", "5.0").replace(
+        "{EXTRA}", "with open('metrics.csv', 'a') as fh:\n    fh.write(''.join(f'{4 + i},0.001\\n' for i in range(40)))\n")
+    expected = {"rows": 3, "iterations": [1, 2, 3], "restarts": 0, "bench_s": 1.0, "timed_s": None}
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "bench.py").write_text(forged)
+    emit = Recorder()
+    outcome = await Evaluator(make_config()).evaluate(
+        node_id="1.1", project_dir=project, node_dir=tmp_path / "node", run_dir=tmp_path, job_tag="lt-test3:1.1",
+        emit=emit, expected_shape=expected)
+    assert outcome.ok and outcome.suspect and "wrote 43 metrics rows" in outcome.suspect
+    assert any(t == "message" and "SUSPECT" in f["text"] for t, f in emit.events)

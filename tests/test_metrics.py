@@ -394,3 +394,50 @@ def test_is_better_with_tolerance() -> None:
     b2 = {RT: 1.001, "gflops": 30.0}
     assert is_better(b2, a, specs, rel_tol=0.01)
     assert not is_better(b2, a, specs)
+
+
+# ---------------------------------------------------------------------------- bounded reading
+
+
+def test_a_field_without_newline_longer_than_the_cap_is_an_error_while_tailing(tmp_path: Path) -> None:
+    from looptree.engine.metrics import MAX_LINE_BYTES
+
+    path = tmp_path / "m.csv"
+    path.write_text("iteration,t (lower is better)\n1,5\n")
+    tail = CsvTail(path)
+    assert len(tail.poll()) == 1
+    with open(path, "a") as fh:
+        fh.write("2," + "9" * (3 * MAX_LINE_BYTES))  # still no newline: not yet a row, but too long for one
+    with pytest.raises(MetricsError, match=f"row 2: metrics field larger than {MAX_LINE_BYTES} bytes"):
+        tail.poll()
+    with pytest.raises(MetricsError, match="metrics field larger than"):
+        tail.finish()  # and for good
+
+
+def test_a_long_complete_line_and_broken_csv_are_errors_not_crashes(tmp_path: Path) -> None:
+    from looptree.engine.metrics import MAX_LINE_BYTES
+
+    long_line = _write(tmp_path / "a.csv", "iteration,t\n1," + "5" * (MAX_LINE_BYTES + 10) + "\n")
+    with pytest.raises(MetricsError, match="metrics field larger than"):
+        read_metrics(long_line)
+    # A field over the csv module's own limit (128 KiB) cannot get there: lines are capped first.
+    broken = _write(tmp_path / "b.csv", 'iteration,t\n1,"5\x00\n')
+    with pytest.raises(MetricsError):
+        read_metrics(broken)
+
+
+def test_rows_record_when_and_where_they_arrived_and_the_memory_is_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_text("iteration,t\n1,5\n")
+    tail = CsvTail(path)
+    before = time.monotonic()
+    tail.poll()
+    with open(path, "a") as fh:
+        fh.write("2,6\n" * 3000)
+    tail.poll()
+    assert len(tail.arrived) == len(tail.offsets) == len(tail.rows) == 3001
+    assert before <= tail.arrived[0] <= tail.arrived[-1] <= time.monotonic()
+    assert tail.offsets[0] == len("iteration,t\n1,5\n") and tail.offsets[-1] == path.stat().st_size
+    assert tail.reads == 2 and tail.consumed == path.stat().st_size
+    assert len(tail._consumed_tail) <= 256  # what was read is hashed, not kept
+
