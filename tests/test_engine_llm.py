@@ -22,14 +22,14 @@ import pytest
 from looptree.engine.config import Config, validate_config
 from looptree.engine.control import append_control, make_command
 from looptree.engine.engine import Engine
-from looptree.engine.errors import ConfigError
+from looptree.engine.errors import ConfigError, LooptreeError
 from looptree.engine.events import read_events
 from looptree.engine.state import RunState
 
 try:
-    from llm_server import hang, llm_server, reply, status  # noqa: F401 - llm_server is a fixture
+    from llm_server import hang, length, llm_server, reply, status  # noqa: F401 - llm_server is a fixture
 except ImportError:  # tests/ became a package
-    from tests.llm_server import hang, llm_server, reply, status  # noqa: F401
+    from tests.llm_server import hang, length, llm_server, reply, status  # noqa: F401
 
 SECRET = "sk-test-SECRET123"
 KEY_ENV = "LOOPTREE_TEST_ENGINE_KEY"
@@ -77,8 +77,9 @@ def make_config(**sections: dict[str, Any]) -> Config:
                     "writable": ["solver.py"], "readonly": ["bench.py"]},
         "bench": {"command": f"{sys.executable} bench.py", "repeats": 1, "compare": "off", "timeout": 60,
                   "device": "cpu"},
+        # concurrency: the test server computes requests in parallel (a local server would get 1).
         "agent": {"provider": "local", "base_url": "", "api_key_env": KEY_ENV, "max_tokens": 400,
-                  "request_timeout": 20, "max_retries": 3},
+                  "request_timeout": 20, "max_retries": 3, "concurrency": 4},
         "search": {"num_samples": 2, "num_phases": 1, "num_workers": 4, "max_fix_attempts": 0,
                    "early_stop_patience": 0},
         "budget": {"max_tokens": 1_000_000, "requests_per_minute": 0},
@@ -324,3 +325,111 @@ async def test_local_provider_with_named_but_unset_key_env_is_refused(
     engine.log.close()  # it started: give back what it took before failing the test
     engine.lock.release()
     pytest.fail("Engine.create accepted agent.api_key_env naming an unset variable")
+
+
+# ----------------------------------------------------------- fail fast, say what happened
+
+
+@pytest.mark.parametrize("mistake", ["wrong port", "no /v1"])
+async def test_an_unreachable_endpoint_is_refused_before_the_baseline(
+        tmp_path: Path, llm_server, api_key: str, mistake: str) -> None:
+    import socket
+
+    project = make_project(tmp_path)
+    if mistake == "wrong port":
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        url, expected = f"http://127.0.0.1:{port}/v1", f"nothing listening at 127.0.0.1:{port}"
+    else:
+        llm_server.configure(require_v1=True)
+        url = f"http://127.0.0.1:{llm_server.port}"
+        expected = f"did you mean agent.base_url = '{url}/v1'"
+    started = time.monotonic()
+    with pytest.raises(LooptreeError) as info:
+        await Engine.create(project, make_config(agent={"base_url": url}))
+    assert time.monotonic() - started < 5
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert not (project / ".looptree" / "runs").exists(), "no run, no baseline"
+    assert llm_server.requests == []
+
+
+async def test_a_run_whose_every_call_failed_ends_as_an_error(tmp_path: Path, llm_server, api_key: str) -> None:
+    project = make_project(tmp_path)
+    llm_server.script(*[status(400, message="context length exceeded") for _ in range(3)])
+    engine = await Engine.create(project, live_config(llm_server))
+    reason = await run_engine(engine)
+    assert reason.startswith("error: no agent call succeeded (3 failed); last: ")
+    assert "context length exceeded" in reason
+    assert of_type(events_of(engine.run_dir), "run_finished")[-1]["reason"] == reason
+
+
+async def test_silence_is_retried_with_an_event_and_the_run_goes_on(
+        tmp_path: Path, llm_server, api_key: str) -> None:
+    project = make_project(tmp_path)
+    llm_server.script(hang(10), reply(IDEAS, completion_tokens=COMPLETION),
+                      *[reply(CHANGE, completion_tokens=COMPLETION) for _ in range(2)])
+    engine = await Engine.create(project, live_config(llm_server, agent={"first_token_timeout": 0.5}))
+    assert await run_engine(engine) == "phases done"
+    events = events_of(engine.run_dir)
+    [retry] = of_type(events, "agent_retry")
+    assert (retry["id"], retry["role"], retry["attempt"]) == (None, "ideas", 1)
+    assert retry["reason"] == "no first token within 0.5 s" and retry["billed_maybe"] is True
+    assert retry["delay_s"] >= 0 and retry["billed_tokens"] > 0
+    # The abandoned attempt is in the budget and in the fold, flagged as an estimate.
+    state = RunState.from_events(events)
+    assert state.tokens_spent == engine.budget.spent == llm_server.reported_total + retry["billed_tokens"]
+    assert [e.get("billed_maybe") for e in of_type(events, "tokens_spent")].count(True) == 1
+
+
+async def test_cut_off_and_unreadable_replies_say_so(tmp_path: Path, llm_server, api_key: str) -> None:
+    project = make_project(tmp_path)
+    llm_server.script(reply("I would rather not list ideas.\nSorry.", completion_tokens=COMPLETION),
+                      length("Lower VALUE by one.\n\nsolver.py\n<<<<<<< SEARCH\n# kn", completion_tokens=400),
+                      reply(CHANGE, completion_tokens=COMPLETION))
+    engine = await Engine.create(project, live_config(llm_server))
+    assert await run_engine(engine) == "phases done"
+    events = events_of(engine.run_dir)
+    [ideas] = of_type(events, "ideas_generated")
+    assert ideas["ideas"] == []
+    assert "first line: 'I would rather not list ideas.'" in ideas["reason"]
+    assert str(engine.run_dir / "ideas.md") in ideas["reason"]
+    assert (engine.run_dir / "ideas.md").read_text().startswith("I would rather not")
+    [failed] = [e for e in of_type(events, "node_failed") if e["stage"] == "edit"]
+    assert failed["reason"].startswith("reply cut off at max_tokens=400 (agent.max_tokens) after 400 tokens: ")
+    cut = [e for e in of_type(events, "agent_finished") if e.get("cut_off")]
+    assert [e["id"] for e in cut] == [failed["id"]]
+
+
+@pytest.mark.slow
+def test_cli_exit_status_says_what_happened(tmp_path: Path, llm_server, api_key: str) -> None:
+    """Through the real command: an unreachable endpoint is exit 2 before anything runs, a run
+    whose every call failed is exit 1 with the reason — never "phases done" and 0."""
+    import socket
+    import subprocess
+
+    import tomli_w
+
+    project = make_project(tmp_path)
+    config = make_config(agent={"base_url": llm_server.base_url}).to_dict()
+    (project / "looptree.toml").write_text(tomli_w.dumps(config))
+
+    def looptree(*overrides: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "looptree.engine.cli", "run", str(project), "--no-tui",
+                               *overrides], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    refused = looptree(f"agent.base_url=http://127.0.0.1:{port}/v1")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"looptree: error: agent endpoint check failed: nothing listening at 127.0.0.1:{port} (connection "
+        f"refused); is the server running? (agent.base_url = 'http://127.0.0.1:{port}/v1')")
+    assert not (project / ".looptree" / "runs").exists()
+
+    llm_server.script(*[status(401, message="key revoked") for _ in range(3)])
+    failed = looptree()
+    assert failed.returncode == 1, failed.stderr
+    assert "finished: error: no agent call succeeded (3 failed); last: " in failed.stderr
+    assert "key revoked" in failed.stderr

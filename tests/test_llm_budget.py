@@ -12,7 +12,8 @@ from looptree.engine.llm.budget import BudgetedBackend, TokenBudget, estimate_re
 from looptree.engine.llm.openai_backend import OpenAIBackend
 from looptree.engine.llm.pricing import PriceTable
 from looptree.engine.llm.providers import Endpoint
-from looptree.engine.llm.types import LLMError, LLMRequest, LLMRequestRejected, estimate_prompt_tokens
+from looptree.engine.llm.types import (
+    LLMError, LLMRequest, LLMRequestRejected, estimate_prompt_tokens, prompt_token_bound)
 
 try:
     from llm_server import drop, llm_server, reply, status  # noqa: F401
@@ -41,7 +42,8 @@ def test_estimate_is_chars_over_3_5_rounded_up_plus_overhead():
     parts = [{"role": "user", "content": [{"type": "text", "text": "x" * 7}]}]
     assert estimate_prompt_tokens(parts) == 3 + 4 + 2
     request = make_request(max_tokens=500)
-    assert estimate_request_tokens(request) == estimate_prompt_tokens(request.messages) + 500
+    # A reservation counts the prompt at its proven bound, not at this estimate.
+    assert estimate_request_tokens(request) == prompt_token_bound(request.messages) + 500
 
 
 async def test_reserve_settle_release_arithmetic():
@@ -170,7 +172,10 @@ async def test_sixteen_workers_never_pass_the_cap(llm_server):
         max_retries=4,
         backoff_base_s=0.01,
         backoff_max_s=0.05,
+        concurrency=16,
     )
+    abandoned: list[int] = []  # the dropped connection may have been billed: charged in full
+    backend.retry_listeners.append(lambda request, info: abandoned.append(info.billed_tokens))
     budget = TokenBudget(cap)
     budgeted = BudgetedBackend(backend, budget)
     successes = []
@@ -196,10 +201,106 @@ async def test_sixteen_workers_never_pass_the_cap(llm_server):
 
     assert budget.spent <= cap
     assert budget.reserved == 0
-    assert budget.spent == llm_server.reported_total == sum(r.total_tokens for r in successes)
+    assert budget.spent == llm_server.reported_total + sum(abandoned)
+    assert llm_server.reported_total == sum(r.total_tokens for r in successes)
     assert len(successes) == len(llm_server.reported)
+    assert len(abandoned) == 4 and sum(1 for t in abandoned if t) == 1  # only the drop
     # The four scripted failures were retried, each inside its own call's reservation.
     assert len(llm_server.requests) == len(successes) + 4
-    assert sum(r.attempts for r in successes) == len(llm_server.requests)
+    # Every request belongs to an answered call, except (at most) the dropped attempt of a call
+    # whose retry found no room left once the drop was charged in full.
+    assert 0 <= len(llm_server.requests) - sum(r.attempts for r in successes) <= 1
     assert llm_server.max_in_flight > 1 and len(successes) > 16
     assert budget.spent > cap // 2  # the budget was really used, not refused early
+
+
+# -- a cap that is hard ------------------------------------------------------------------------
+
+DENSE = "déf sölve(xs): → return sum(x·x for x in xs)  # ≤ ∑ 漢字\n"  # many bytes per character
+
+
+def dense_request(n: int, max_tokens: int = 1000) -> LLMRequest:
+    return LLMRequest(role="optimize", model="gemma", max_tokens=max_tokens, temperature=0.7, node_id=f"1.{n}",
+                      messages=[{"role": "system", "content": "You optimize code. " * 5},
+                                {"role": "user", "content": f"Call {n}. " + DENSE * 6}])
+
+
+@pytest.mark.parametrize("tokenize", [True, False], ids=["server-tokenizer", "byte-bound"])
+async def test_sixteen_calls_in_flight_never_cross_a_tiny_cap(llm_server, tokenize):
+    """A server whose tokenizer makes one token per UTF-8 byte — far more than the old
+    chars/3.5 estimate — 16 calls in flight, a cap a few calls wide: what the server billed
+    never passes the cap, with or without a tokenize endpoint to ask."""
+    cap = 6000
+    llm_server.configure(tokenizer="bytes", props=True, slots=16)
+    if not tokenize:
+        llm_server.configure(tokenize_dialect="none")  # /tokenize answers 400 to both dialects
+    llm_server.set_delay(0.05)
+    backend = OpenAIBackend(Endpoint(llm_server.base_url, "k" * 20, "K", "local"), timeout_s=5, stream=True,
+                            first_token_timeout_s=5, idle_timeout_s=5)
+    budget = TokenBudget(cap)
+    budgeted = BudgetedBackend(backend, budget)
+    in_flight = max_in_flight = 0
+
+    async def worker(w: int) -> int:
+        nonlocal in_flight, max_in_flight
+        calls = 0
+        for n in range(1000):
+            in_flight += 1
+            max_in_flight = max(max_in_flight, in_flight)
+            try:
+                await budgeted.complete(dense_request(w * 1000 + n))
+            except BudgetExhausted:
+                return calls
+            finally:
+                in_flight -= 1
+            calls += 1
+            assert llm_server.reported_total <= cap
+        return calls
+
+    calls = await asyncio.wait_for(asyncio.gather(*(worker(w) for w in range(16))), timeout=30)
+    await backend.aclose()
+
+    billed = llm_server.reported
+    assert sum(calls) == len(billed) >= 4
+    assert sum(p + c for p, c in billed) <= cap, "the cap was crossed"
+    assert budget.spent == llm_server.reported_total and budget.reserved == 0
+    assert max_in_flight == 16 and llm_server.max_in_flight > 1
+    # The old estimate would not have held: the server billed far more prompt than it predicted.
+    prompt_billed = billed[0][0]
+    assert prompt_billed > 1.5 * estimate_prompt_tokens(dense_request(0).messages)
+    assert prompt_billed <= prompt_token_bound(dense_request(0).messages)
+    # Near the end calls were clipped to what was left rather than refused or let through.
+    sent = [r.body["max_tokens"] for r in llm_server.requests]
+    assert min(sent) < 1000 == max(sent)
+    assert (backend.prompt_counter.calls > 0) is True  # near the end the server was asked to count
+    if tokenize:
+        assert backend.prompt_counter.dialect == "llama.cpp"
+    else:
+        assert backend.prompt_counter.dialect == "none" and llm_server.paths("/tokenize") == 2
+
+
+async def test_far_from_the_cap_the_bound_costs_nothing(llm_server):
+    llm_server.configure(tokenizer="bytes")
+    backend = OpenAIBackend(Endpoint(llm_server.base_url, "k" * 20, "K", "local"), timeout_s=5, concurrency=4)
+    budget = TokenBudget(2_000_000)
+    await asyncio.gather(*(BudgetedBackend(backend, budget).complete(dense_request(n)) for n in range(8)))
+    await backend.aclose()
+    assert llm_server.paths("/tokenize") == 0 and backend.prompt_counter.calls == 0
+    assert all(r.body["max_tokens"] == 1000 for r in llm_server.requests)  # nothing clipped
+
+
+async def test_exact_count_lets_a_call_fit_that_the_bound_would_refuse(llm_server):
+    """vLLM's /tokenize: near the end the exact count (plus the template allowance) replaces the
+    byte bound, so the last call still fits."""
+    llm_server.configure(tokenizer="chars4", tokenize_dialect="vllm")
+    backend = OpenAIBackend(Endpoint(llm_server.base_url, "k" * 20, "K", "local"), timeout_s=5)
+    request = LLMRequest(role="optimize", model="m", max_tokens=256, temperature=0.0,
+                         messages=[{"role": "user", "content": "abc " * 100}])
+    bound = prompt_token_bound(request.messages)
+    budget = TokenBudget(bound + 256 - 1)  # the bound alone does not fit
+    counted = await BudgetedBackend(backend, budget).prompt_tokens(request)
+    assert backend.prompt_counter.dialect == "vllm"
+    assert counted == 100 + (bound - 400) < bound  # exact text tokens + the template allowance
+    response = await BudgetedBackend(backend, budget).complete(request)
+    await backend.aclose()
+    assert response.max_tokens == 256 and budget.spent <= budget.cap

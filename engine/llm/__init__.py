@@ -7,7 +7,10 @@ replay) → recorder → budget — so the engine needs one call and one object:
     response = await stack.backend.complete(request)   # reserves, calls, settles
     await stack.aclose()
 
-`resolve_endpoint` alone is what config validation calls before a run starts (missing key).
+`resolve_endpoint` alone is what config validation calls before a run starts (missing key);
+`preflight.check_endpoints(config)` (async, imported from its module: it needs the network
+stack) is the one-request-per-endpoint check the engine runs before the baseline and
+`looptree doctor` shows.
 """
 
 from __future__ import annotations
@@ -33,16 +36,18 @@ from looptree.engine.llm.types import (
     LLMResponse,
     LLMRetriesExhausted,
     LLMTimeout,
+    RetryInfo,
     estimate_prompt_tokens,
+    prompt_token_bound,
 )
 
 __all__ = [
     "APPROX_LIST_PRICES", "BudgetedBackend", "CallRecorder", "CassetteExhausted", "Endpoint",
     "LLMBackend", "LLMEmptyReply", "LLMError", "LLMRequest", "LLMRequestRejected",
     "LLMResponse", "LLMRetriesExhausted", "LLMStack", "LLMTimeout", "PROVIDERS", "Price",
-    "PriceTable", "RateLimiter", "ReplayBackend", "Reservation", "TokenBudget", "build_llm",
-    "cost", "estimate_prompt_tokens", "estimate_request_tokens", "redact_obj", "redact_text",
-    "register_secret", "request_hash", "resolve_endpoint",
+    "PriceTable", "RateLimiter", "ReplayBackend", "Reservation", "RetryInfo", "TokenBudget",
+    "build_llm", "cost", "estimate_prompt_tokens", "estimate_request_tokens", "prompt_token_bound",
+    "redact_obj", "redact_text", "register_secret", "request_hash", "resolve_endpoint",
 ]
 
 
@@ -73,11 +78,13 @@ def build_llm(
     tokens_per_minute: float = 0,
     timeout_s: float = 300.0,
     max_retries: int = 4,
-    stream: bool = False,
+    stream: bool = True,
     **backend_options: Any,
 ) -> LLMStack:
     """Build the backend stack for `agent.provider`. Raises ConfigError for a missing key, an
-    unknown provider or (replay) a missing or malformed cassette — before the run starts."""
+    unknown provider or (replay) a missing or malformed cassette — before the run starts.
+    `backend_options` go to `OpenAIBackend` (first_token_timeout_s, idle_timeout_s,
+    concurrency, max_concurrency, tokenize, ...)."""
     endpoint = resolve_endpoint(provider, base_url, api_key_env)
     recorder = CallRecorder(record_dir) if record_dir is not None else None
     limiter: RateLimiter | None = None

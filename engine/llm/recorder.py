@@ -112,6 +112,7 @@ class CallRecorder:
                 status=error.status,
                 prompt_tokens=error.prompt_tokens,
                 completion_tokens=error.completion_tokens,
+                billed_maybe=error.billed_maybe,
             )
         return await self._append(self.errors_path, record)
 

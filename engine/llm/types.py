@@ -21,6 +21,18 @@ MESSAGE_OVERHEAD_TOKENS = 4
 # The assistant reply is primed with a few tokens on every request.
 REPLY_PRIMING_TOKENS = 3
 
+# The PROVEN upper bound on prompt tokens (`prompt_token_bound`). Every tokenizer in use maps
+# text to tokens of at least one byte each (byte-level BPE: GPT/tiktoken, Llama 3, Qwen;
+# SentencePiece with byte fallback: Llama 2, Gemma, Mistral), so a text never takes more tokens
+# than its UTF-8 bytes, plus one for a SentencePiece dummy-prefix "▁" per text fragment. What a
+# chat template adds around a message is a few special tokens and the role name (ChatML:
+# `<|im_start|>user\n … <|im_end|>\n` = 2 specials + 6 bytes; Llama 3 headers: 3 specials +
+# 6 bytes; Gemma: 2 specials + 6 bytes), and around the request a BOS token and the generation
+# prompt (`<|im_start|>assistant\n`, `<start_of_turn>model\n`). The allowances below are several
+# times those, so the bound holds for any template that does not inject text of its own.
+MESSAGE_OVERHEAD_BOUND = 16  # tokens per message beyond its text and role name
+REQUEST_OVERHEAD_BOUND = 32  # tokens per request (BOS, generation prompt, stray prefixes)
+
 
 @dataclass
 class LLMRequest:
@@ -49,6 +61,7 @@ class LLMResponse:
     usage_estimated: bool = False  # the server sent no usage; tokens are estimated from text
     attempts: int = 1  # HTTP attempts it took (retries included); 1 for replay
     duration_s: float = 0.0
+    max_tokens: int = 0  # the completion limit the call was sent with (after budget clipping)
 
     @property
     def total_tokens(self) -> int:
@@ -82,6 +95,7 @@ class LLMError(LooptreeError):
         status: int | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        billed_maybe: bool = False,
     ) -> None:
         reason = one_line(reason)
         super().__init__(reason)
@@ -90,6 +104,9 @@ class LLMError(LooptreeError):
         self.status = status
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        # The last attempt was abandoned after the request reached the server (a timeout, a
+        # connection lost mid-reply): the server may have billed it although it reported nothing.
+        self.billed_maybe = billed_maybe
 
     @property
     def reported_tokens(self) -> int | None:
@@ -154,6 +171,36 @@ def estimate_prompt_tokens(messages: list[dict]) -> int:
     for message in messages:
         total += MESSAGE_OVERHEAD_TOKENS + estimate_text_tokens(message_text(message))
     return total
+
+
+def prompt_token_bound(messages: list[dict]) -> int:
+    """An upper bound on the prompt tokens of `messages` under any tokenizer and chat template
+    (see MESSAGE_OVERHEAD_BOUND): UTF-8 bytes of each text and role name, plus allowances."""
+    total = REQUEST_OVERHEAD_BOUND
+    for message in messages:
+        total += MESSAGE_OVERHEAD_BOUND + len(str(message.get("role") or "").encode("utf-8"))
+        total += len(message_text(message).encode("utf-8"))
+    return total
+
+
+def template_overhead_bound(messages: list[dict]) -> int:
+    """The part of `prompt_token_bound` that is not message text (added to an exact text count)."""
+    return REQUEST_OVERHEAD_BOUND + sum(
+        MESSAGE_OVERHEAD_BOUND + len(str(m.get("role") or "").encode("utf-8")) for m in messages
+    )
+
+
+@dataclass
+class RetryInfo:
+    """One failed attempt that will be retried (the `agent_retry` event's fields)."""
+
+    attempt: int  # the attempt that failed (1 = the first)
+    reason: str
+    delay_s: float
+    billed_maybe: bool = False  # abandoned after the server may have billed it
+    billed_tokens: int = 0  # what the budget charged for it (a conservative estimate)
+    billed_prompt_tokens: int = 0
+    billed_completion_tokens: int = 0
 
 
 def last_user_message(messages: list[dict]) -> str:
