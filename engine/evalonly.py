@@ -33,17 +33,23 @@ async def eval_refs(project: Path, refs: list[str], *, repeats: int | None, conf
     for ref in refs:
         name = f"looptree/{ref}" if _NODE_ID.match(ref) else ref
         targets.append((ref, await gitops.resolve_ref(repo, name)))
-    # The same limits and device pinning as a run, so the numbers are comparable.
-    from looptree.engine.procs import Limits
+    # The same limits, sandbox and device pinning as a run, so the numbers are comparable.
+    from looptree.engine.procs import run_limits
+    from looptree.engine.sandbox import resolve_sandbox
+    from looptree.gpu.locks import hold_async, key_with_telemetry
     from looptree.gpu.slots import env_for, parse_devices
     from looptree.gpu.telemetry import choose_backend
 
-    evaluator = Evaluator(config, Limits(cpu_seconds=config.bench.cpu_limit_s or None,
-                                         address_space_mb=config.bench.memory_limit_mb or None,
-                                         open_files=config.bench.open_files))
     telemetry = choose_backend(config.gpu.telemetry)
-    devices = [] if config.bench.device == "cpu" else parse_devices(config.gpu.devices, telemetry)
-    telemetry.close()
+    try:
+        devices = [] if config.bench.device == "cpu" else parse_devices(config.gpu.devices, telemetry)
+        containment = resolve_sandbox(config, hide=[repo.root, project], telemetry=telemetry, devices=devices[:1])
+        lock_key = key_with_telemetry(devices[0] if devices else None, telemetry, config.bench.concurrency)
+    finally:
+        telemetry.close()
+    if containment.line:
+        print(f"looptree: {containment.line}", file=sys.stderr)
+    evaluator = Evaluator(config, run_limits(config)[0], sandbox=containment.sandbox)
     device_env = env_for(devices[0] if devices else None)
     results: list[dict[str, Any]] = []
     specs: list[MetricSpec] | None = None
@@ -58,10 +64,13 @@ async def eval_refs(project: Path, refs: list[str], *, repeats: int | None, conf
                     if type_ == "stage_finished" and not json_mode:
                         status = "ok" if fields.get("ok") else f"FAILED: {fields.get('reason')}"
                         print(f"{label}: {fields.get('stage')} {status}", file=sys.stderr)
-                outcome = await evaluator.evaluate(node_id=f"eval{index}", project_dir=repo.project_in(wt),
-                                                   node_dir=Path(tmp) / f"logs{index}", run_dir=Path(tmp),
-                                                   job_tag=f"lt-eval-{index}", emit=emit, repeats=repeats,
-                                                   device_env=device_env, device=devices[0] if devices else None)
+                # the same machine-wide device lock as a run: an eval never times beside a run's bench
+                async with hold_async(lock_key, f"looptree eval {label} in {project}", on_wait=lambda who: print(
+                        f"{label}: waiting for device lock {lock_key}, held by {who}", file=sys.stderr, flush=True)):
+                    outcome = await evaluator.evaluate(node_id=f"eval{index}", project_dir=repo.project_in(wt),
+                                                       node_dir=Path(tmp) / f"logs{index}", run_dir=Path(tmp),
+                                                       job_tag=f"lt-eval-{index}", emit=emit, repeats=repeats,
+                                                       device_env=device_env, device=devices[0] if devices else None)
             finally:
                 await gitops.remove_worktree(repo, wt)
             specs = specs or outcome.specs

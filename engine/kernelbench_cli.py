@@ -1,7 +1,8 @@
 """`looptree kernelbench`: one looptree run per KernelBench problem, then a summary with fast_p.
 
     looptree kernelbench --dataset DIR --level L --tasks A-B [--out DIR] [--eval-only
-                         [--solutions DIR]] [KEY=VALUE ...]
+                         [--solutions DIR]] [--protocol looptree|kernelbench]
+                         [--precision fp32|fp16|bf16] [KEY=VALUE ...]
 
 Each problem becomes a small project under ``--out`` (default ``./kernelbench_runs/level{L}``,
 see ``looptree.gpu.kernelbench.make_task_project``) and gets an ordinary headless looptree run whose
@@ -12,7 +13,9 @@ timing the reference (eager and ``torch.compile``) and, with ``--solutions DIR``
 
 The summary (stdout, ``summary.json``, ``summary.csv`` under ``--out``) lists per task whether
 the result is correct, its runtime and both speed-ups, and fast_p for p in 0, 1, 1.5, 2: the
-share of tasks that are correct AND more than p times faster (fast_0 is the correctness rate).
+share of tasks that are correct, not suspect, AND more than p times faster (fast_0 is the rate
+of correct, unsuspected tasks); ``--protocol kernelbench`` uses upstream's timing and thresholds
+(``build_summary``). Ctrl-C writes the finished tasks' summary before anything else.
 In agent runs a task's result is its best node *other than the baseline* (the baseline is the
 reference itself, so counting it would make every task "correct"); a task whose agent produced
 no correct ModelNew counts as not solved.
@@ -40,15 +43,18 @@ from typing import Any, Sequence
 
 from looptree.engine.config import Config, load_config
 from looptree.engine.errors import ConfigError, LooptreeError
+from looptree.gpu.kb_bench import KB_COMMIT
 from looptree.gpu.kernelbench import (
     COMPILE,
     EAGER,
     FAST_P,
+    KB_FAST_P,
     RUNTIME,
     SPEEDUP_COMPILE,
     SPEEDUP_EAGER,
     Problem,
     fast_p,
+    geomean_speedup,
     find_solution,
     list_problems,
     make_task_project,
@@ -58,7 +64,7 @@ from looptree.gpu.kernelbench import (
 EVAL_JSON = "kb_eval.json"
 EVAL_LOG = "kb_eval.log"
 SUMMARY_COLUMNS = ["task", "correct", "runtime_ms", "eager_ms", "compile_ms", "speedup_vs_eager",
-                   "speedup_vs_compile", "oom", "error", "reason", "best_node", "project", "run_dir", "solution"]
+                   "speedup_vs_compile", "oom", "suspect", "error", "reason", "best_node", "project", "run_dir", "solution"]
 
 
 @dataclass
@@ -69,6 +75,7 @@ class TaskResult:
     number: int
     project: str
     correct: bool | None = None  # None: nothing was asked of a candidate (eval-only without solutions)
+    suspect: bool = False  # timings the bench's guards or the launcher's clock contradict: never in fast_p
     runtime_ms: float | None = None
     eager_ms: float | None = None
     compile_ms: float | None = None
@@ -110,13 +117,24 @@ def run_kernelbench(args: argparse.Namespace) -> int:
           f"({', '.join(p.stem for p in problems)}), {mode}; projects in {out}", file=sys.stderr, flush=True)
     results: list[TaskResult] = []
     stopped = False
+    bench_args = protocol_args(args)
     for index, (problem, project) in enumerate(zip(problems, projects), start=1):
         print(f"== [{index}/{len(problems)}] {problem.stem}", file=sys.stderr, flush=True)
-        if args.eval_only:
-            result = eval_task(problem, project, overrides, solutions)
-        else:
-            config = first if index == 1 else load_config(project, None, overrides)
-            result, stopped = asyncio.run(agent_task(problem, project, config))
+        try:
+            if args.eval_only:
+                result = eval_task(problem, project, overrides, solutions, bench_args=bench_args)
+            else:
+                config = first if index == 1 else load_config(project, None, overrides)
+                result, stopped = asyncio.run(agent_task(problem, project, config))
+        except KeyboardInterrupt:
+            # Ctrl-C: the finished tasks' results are written before anything else happens.
+            summary = build_summary(results, dataset=str(args.dataset), level=level, tasks=args.tasks, mode=mode,
+                                    out=out, solutions=solutions, protocol=getattr(args, "protocol", None))
+            summary["interrupted"] = {"task": problem.stem, "finished": len(results), "of": len(problems)}
+            write_summary(summary, results, out)
+            print(f"\nlooptree kernelbench: interrupted during {problem.stem}; {len(results)} finished task(s) "
+                  f"written to {out / 'summary.json'} and summary.csv", file=sys.stderr, flush=True)
+            return 130
         results.append(result)
         line = _result_line(result)
         print(f"== {problem.stem}: {line}", file=sys.stderr, flush=True)
@@ -124,7 +142,7 @@ def run_kernelbench(args: argparse.Namespace) -> int:
             print("looptree kernelbench: stopped by user; the remaining tasks were not run", file=sys.stderr)
             break
     summary = build_summary(results, dataset=str(args.dataset), level=level, tasks=args.tasks, mode=mode,
-                            out=out, solutions=solutions)
+                            out=out, solutions=solutions, protocol=getattr(args, "protocol", None))
     write_summary(summary, results, out)
     sys.stdout.write(render_summary(summary, results))
     sys.stdout.flush()
@@ -134,6 +152,41 @@ def run_kernelbench(args: argparse.Namespace) -> int:
               f"({errors[0].task}: {errors[0].reason})", file=sys.stderr)
         return 1
     return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `kernelbench` sub-command's flags, each with its help (engine/cli.py calls this)."""
+    p.add_argument("--dataset", required=True, metavar="DIR",
+                   help="KernelBench checkout or problem folder holding level{L}/{N}_{Name}.py files")
+    p.add_argument("--level", required=True, metavar="L", help="level to run: 1, 2, 3 (or level1, level_1)")
+    p.add_argument("--tasks", required=True, metavar="A-B",
+                   help="problem numbers: a range 1-10, one number 7, or a list 1-3,7,9-10")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no agent: run each task's bench once (reference eager and torch.compile, and --solutions)")
+    p.add_argument("--solutions", default=None, metavar="DIR",
+                   help="with --eval-only: judge and time DIR/{N}_*.py (ModelNew) against each task's baselines")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where the per-task projects, summary.json and summary.csv go (default kernelbench_runs/level{L})")
+    p.add_argument("--protocol", choices=("looptree", "kernelbench"), default="looptree",
+                   help="kernelbench: upstream's timing (100 trials, mean) and fast_p thresholds, for figures "
+                        "beside published tables; looptree (default): median of 20 trials on CPU")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="dtype of inputs and weights; sets the tolerance (fp32 1e-4, fp16/bf16 1e-2, as KernelBench)")
+    p.add_argument("--no-tui", action="store_true", help="agent runs: print event lines instead of the dashboard")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for every task, e.g. agent.model=gpt-4.1 bench.timeout=1800")
+
+
+def protocol_args(args: argparse.Namespace) -> list[str]:
+    """Bench flags for --protocol and --precision (nothing when they are the defaults)."""
+    extra: list[str] = []
+    protocol = getattr(args, "protocol", None) or "looptree"
+    precision = getattr(args, "precision", None) or "fp32"
+    if protocol != "looptree":
+        extra += ["--protocol", protocol]
+    if precision != "fp32":
+        extra += ["--precision", precision]
+    return extra
 
 
 def absolutize_overrides(overrides: Sequence[str]) -> list[str]:
@@ -171,6 +224,8 @@ def _result_line(r: TaskResult) -> str:
         return f"not measured: {r.reason}"
     if r.correct is None:
         return f"eager {_fmt(r.eager_ms)} ms, compile {_fmt(r.compile_ms)} ms"
+    if r.suspect:
+        return f"correct but SUSPECT (not counted in fast_p): {r.reason}"
     if not r.correct:
         return r.reason if r.reason.startswith("incorrect") else f"incorrect: {r.reason}"
     return (f"correct, {_fmt(r.runtime_ms)} ms, {_fmt(r.speedup_vs_eager, 3)}x vs eager, "
@@ -180,12 +235,13 @@ def _result_line(r: TaskResult) -> str:
 # --------------------------------------------------------------------------- eval-only
 
 
-def eval_task(problem: Problem, project: Path, overrides: Sequence[str], solutions: str | None) -> TaskResult:
+def eval_task(problem: Problem, project: Path, overrides: Sequence[str], solutions: str | None,
+              bench_args: Sequence[str] = ()) -> TaskResult:
     """Run the task's bench command once, without an agent, and read the JSON it leaves."""
     config = load_config(project, None, list(overrides))
     result = TaskResult(task=problem.stem, number=problem.number, project=str(project))
     solution: Path | None = None
-    extra = ["--json", EVAL_JSON]
+    extra = ["--json", EVAL_JSON, *bench_args]
     if solutions:
         solution = find_solution(solutions, problem.number)
         if solution is None:
@@ -200,12 +256,12 @@ def eval_task(problem: Problem, project: Path, overrides: Sequence[str], solutio
     json_path = project / EVAL_JSON
     json_path.unlink(missing_ok=True)
     command = config.bench.command + "".join(f" {_quote(a)}" for a in extra)
-    proc = asyncio.run(_run_bench(command, project, config.bench.timeout))
+    proc = asyncio.run(_run_bench(command, project, config, [solution] if solution else [], label=problem.stem))
     data = _read_json(json_path)
     if data is None:
         result.error = True
         result.reason = _process_failure(proc, config.bench.timeout, project / EVAL_LOG)
-        result.oom = "out of memory" in result.reason
+        result.oom = _names_oom(result.reason)
         return result
     _fill_from_bench(result, data, had_solution=solution is not None)
     return result
@@ -217,15 +273,74 @@ def _quote(text: str) -> str:
     return shlex.quote(text)
 
 
-async def _run_bench(command: str, project: Path, timeout: float) -> Any:
-    from looptree.engine.procs import run_command
+async def _run_bench(command: str, project: Path, config: Config, readable: list[Path], *, label: str = "") -> Any:
+    """The task's bench with a run's limits, sandbox and device pinning (engine.sandbox, engine.procs)."""
+    from looptree.engine.procs import run_command, run_limits
+    from looptree.engine.sandbox import command_env, resolve_sandbox
+    from looptree.gpu.slots import env_for, parse_devices
+    from looptree.gpu.telemetry import choose_backend
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPTREE_JOB", "GIT_"))}
+    telemetry = choose_backend(config.gpu.telemetry)
+    try:
+        devices = [] if config.bench.device == "cpu" else parse_devices(config.gpu.devices, telemetry)[:1]
+        containment = resolve_sandbox(config, hide=[project], telemetry=telemetry, devices=devices,
+                                      readable=readable)
+        uuid = None
+        if devices:
+            try:
+                uuid = telemetry.sample(devices[0]).uuid
+            except Exception:  # noqa: BLE001 - the index keys the lock when NVML cannot say
+                uuid = None
+    finally:
+        telemetry.close()
+    if containment.line:
+        print(f"looptree: {containment.line}", file=sys.stderr)
+    env = command_env(os.environ, extra_names=config.sandbox.env, secret_names={config.agent.api_key_env})
+    env.update(env_for(devices[0] if devices else None))
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["LOOPTREE_METRICS"] = str(project / "metrics.csv")
     (project / EVAL_LOG).unlink(missing_ok=True)
-    return await run_command(command, cwd=project, env=env, timeout=timeout, log_path=project / EVAL_LOG,
-                             job_tag=f"lt-kb-eval:{os.getpid()}:{project.name}")
+    from looptree.gpu.locks import hold_async, key_for
+
+    key = key_for(devices[0] if devices else None, uuid=uuid, concurrency=config.bench.concurrency)
+    tail = _StageTail(project / EVAL_LOG, label)
+    # the machine-wide device lock a run's benches take too: an eval never times beside them
+    async with hold_async(key, f"looptree kernelbench --eval-only {label}", on_wait=lambda who: print(
+            f"== {label}: waiting for device lock {key}, held by {who}", file=sys.stderr, flush=True)):
+        proc = await run_command(command, cwd=project, env=env, timeout=config.bench.timeout,
+                                 log_path=project / EVAL_LOG, job_tag=f"lt-kb-eval:{os.getpid()}:{project.name}",
+                                 limits=run_limits(config)[0], sandbox=containment.sandbox,
+                                 device=devices[0] if devices else None, on_tick=tail.tick, tick_interval=0.5)
+    await tail.tick()
+    return proc
+
+
+class _StageTail:
+    """Prints the bench's stage lines (``kb_bench: [ 1.2 s] …``) from its log as they appear, so a
+    sweep shows per task which stage it is in, and a timeout which stage was slow."""
+
+    def __init__(self, log: Path, label: str) -> None:
+        self.log = log
+        self.label = label
+        self.offset = 0
+        self.pending = b""
+
+    def _read(self) -> bytes:
+        try:
+            with open(self.log, "rb") as fh:
+                fh.seek(self.offset)
+                return fh.read(1 << 20)
+        except OSError:
+            return b""
+
+    async def tick(self) -> None:
+        data = await asyncio.to_thread(self._read)  # no file I/O on the event loop
+        self.offset += len(data)
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith(("kb_bench: [", "kb_bench: suspect")):
+                print(f"   {self.label}: {line[len('kb_bench: '):]}", file=sys.stderr, flush=True)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -236,16 +351,35 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "memoryerror", "bad_alloc",
+              "oom_kill", "oom killer", "memory limit")
+
+
+def _names_oom(reason: str) -> bool:
+    low = reason.lower()
+    return any(word in low for word in _OOM_WORDS)
+
+
 def _process_failure(proc: Any, timeout: float, log: Path) -> str:
+    lines = [l.strip() for l in proc.tail.splitlines() if l.strip()]
+    stage = next((l.split("] ", 1)[1] for l in reversed(lines) if l.startswith("kb_bench: [") and "] " in l), "")
+    where = f" (last stage: {stage})" if stage else ""
     if proc.timed_out:
-        return f"bench timed out after {timeout:g} s (the whole process tree was killed; raise bench.timeout=S)"
-    last = next((l.strip() for l in reversed(proc.tail.splitlines()) if l.strip()), "")
-    if proc.rc is not None and proc.rc < 0:
-        sig = -proc.rc
-        hint = " (probably the kernel's out-of-memory killer: the problem does not fit this machine)" \
-            if sig == signal.SIGKILL else ""
-        return f"bench killed by signal {sig}{hint}; log: {log}"
-    return f"bench exited with status {proc.rc}: {last[:300] or 'no output'}; log: {log}"
+        return (f"bench timed out after {timeout:g} s{where} (the whole process tree was killed; "
+                "raise bench.timeout=S)")
+    last = lines[-1] if lines else ""
+    note = str(getattr(proc, "note", "") or "")
+    if proc.rc is not None and (proc.rc < 0 or proc.rc == 137):
+        sig = -proc.rc if proc.rc < 0 else signal.SIGKILL
+        if note:
+            return f"out of memory: bench {note}{where}; log: {log}"
+        if sig == signal.SIGKILL:
+            return (f"bench killed by SIGKILL{where}: probably out of memory (the kernel's OOM killer; "
+                    f"the problem may not fit this machine); log: {log}")
+        return f"bench killed by signal {sig}{where}; log: {log}"
+    if _names_oom(last) or note:
+        return f"out of memory: {note or last[:300]}{where}; log: {log}"
+    return f"bench exited with status {proc.rc}{where}: {last[:300] or 'no output'}; log: {log}"
 
 
 def _fill_from_bench(result: TaskResult, data: dict[str, Any], *, had_solution: bool) -> None:
@@ -254,7 +388,15 @@ def _fill_from_bench(result: TaskResult, data: dict[str, Any], *, had_solution: 
     result.compile_ms = _num(data.get("compile_ms"))
     result.compile_note = str(data.get("compile_note") or "")
     result.oom = bool(data.get("oom"))
+    result.suspect = bool(data.get("suspect"))
     reason = str(data.get("reason") or "")
+    if result.suspect and had_solution:  # correct outputs, but timings nobody can trust: shown, never counted
+        result.correct = data.get("correct") is not False
+        result.reason = reason
+        result.runtime_ms = _num(data.get("runtime_ms"))
+        result.speedup_vs_eager = _num(data.get("speedup_vs_eager"))
+        result.speedup_vs_compile = _num(data.get("speedup_vs_compile"))
+        return
     if data.get("ok"):
         if had_solution:
             result.correct = True
@@ -335,8 +477,16 @@ def result_from_state(result: TaskResult, state: Any, finish_reason: str) -> Tas
 
 
 def build_summary(results: Sequence[TaskResult], *, dataset: str, level: str, tasks: str, mode: str, out: Path,
-                  solutions: str | None = None) -> dict[str, Any]:
+                  solutions: str | None = None, protocol: str | None = None) -> dict[str, Any]:
+    """summary.json: per task ``task, correct, suspect, runtime_ms, speedup_vs_eager, reason, oom``…,
+    and fast_p, where a task counts only when correct and not suspect.
+
+    ``protocol="kernelbench"`` uses upstream's thresholds (p in 0, 0.5, 0.8, 1, 1.5, 2) and adds
+    its geometric mean speed-up over correct tasks, so the figures sit beside published tables.
+    """
     rows = [asdict(r) for r in results]
+    kb = protocol == "kernelbench"
+    ps = KB_FAST_P if kb else FAST_P
     judged = [r for r in results if r.correct is not None]
     summary: dict[str, Any] = {
         "dataset": dataset,
@@ -352,14 +502,19 @@ def build_summary(results: Sequence[TaskResult], *, dataset: str, level: str, ta
             "incorrect": sum(1 for r in results if r.correct is False),
             "not_measured": sum(1 for r in results if r.error),
             "oom": sum(1 for r in results if r.oom),
+            "suspect": sum(1 for r in results if r.suspect),
         },
+        "protocol": protocol or "looptree",
+        "kernelbench_commit": KB_COMMIT,
         "results": rows,
         "fast_p": None,
         "fast_p_vs_compile": None,
     }
     if judged:  # fast_p over every task: one without a candidate verdict counts as not solved
-        summary["fast_p"] = fast_p(rows, "speedup_vs_eager")
-        summary["fast_p_vs_compile"] = fast_p(rows, "speedup_vs_compile")
+        summary["fast_p"] = fast_p(rows, "speedup_vs_eager", ps)
+        summary["fast_p_vs_compile"] = fast_p(rows, "speedup_vs_compile", ps)
+        if kb:
+            summary["geomean_speedup_correct"] = geomean_speedup(rows, "speedup_vs_eager")
     return summary
 
 
@@ -385,6 +540,8 @@ def render_summary(summary: dict[str, Any], results: Sequence[TaskResult]) -> st
     table = [head]
     for r in results:
         correct = "-" if r.correct is None else ("yes" if r.correct else "NO")
+        if r.suspect:
+            correct = "SUSPECT"
         if r.error:
             correct = "OOM" if r.oom else "ERROR"
         note = r.reason or (f"best {r.best_node}" if r.best_node else "") or r.compile_note
@@ -404,7 +561,14 @@ def render_summary(summary: dict[str, Any], results: Sequence[TaskResult]) -> st
         if values is None:
             lines.append(f"{label} n/a (no candidate was judged: eval-only without --solutions times the baselines)")
             continue
-        parts = [f"fast_{p:g} = {values[f'{p:g}']:.2f} ({round(values[f'{p:g}'] * n)}/{n})" for p in FAST_P]
+        parts = [f"fast_{p} = {v:.2f} ({round(v * n)}/{n})" for p, v in values.items()]
         lines.append(f"{label} " + "  ".join(parts))
+    suspects = summary.get("counts", {}).get("suspect", 0)
+    if suspects:
+        lines.append(f"suspect: {suspects} task(s) correct but with timings the bench could not trust; "
+                     "not counted in fast_p")
+    if summary.get("protocol") == "kernelbench":
+        lines.append(f"protocol: KernelBench ({KB_COMMIT[:12]}): mean of 100 trials, fp tolerance by precision; "
+                     f"geometric mean speed-up of correct tasks {summary.get('geomean_speedup_correct') or 0:.3g}x")
     lines.append(f"summary: {Path(summary['out']) / 'summary.json'}, {Path(summary['out']) / 'summary.csv'}")
     return "\n".join(lines) + "\n"

@@ -52,9 +52,10 @@ GOAL = (
     "constructor arguments (get_init_inputs()) and forward inputs (get_inputs()) as Model, and "
     "should keep Model's parameters (same state_dict names and shapes) so the reference weights "
     "can be loaded into it. bench.py checks the outputs against Model on fresh random inputs "
-    "(several seeds, atol=rtol=1e-2 for floating-point outputs, integer outputs exactly) and fails the node "
+    "(KernelBench's 5 trials; atol=rtol=1e-4 for fp32 outputs, 1e-2 for fp16/bf16, integer outputs exactly) and fails the node "
     "with the reason when they differ; then it times eager PyTorch, torch.compile and ModelNew "
-    "in one process. Only solution.py may change."
+    "in one process, every timed call on fresh inputs. Patching torch, time or the problem, changing the thread "
+    "count, or caching results makes the node fail as suspect. Only solution.py may change."
 )
 
 _PROBLEM_NAME = re.compile(r"^(\d+)_(.+)\.py$")
@@ -449,21 +450,36 @@ def _own_repository(project: Path) -> None:
 # --------------------------------------------------------------------------- summaries
 
 FAST_P = (0.0, 1.0, 1.5, 2.0)
+KB_FAST_P = (0.0, 0.5, 0.8, 1.0, 1.5, 2.0)  # upstream scripts/benchmark_eval_analysis.py
+
+
+def _counts(r: dict) -> bool:
+    """Correct and not suspect: what fast_p may count."""
+    return bool(r.get("correct")) and not r.get("suspect")
 
 
 def fast_p(results: Sequence[dict], key: str = "speedup_vs_eager", ps: Sequence[float] = FAST_P) -> dict[str, float]:
-    """Share of tasks that are correct AND faster than ``p`` × the baseline (fast_0: correct rate).
+    """Share of tasks that are correct, not suspect, AND faster than ``p`` × the baseline
+    (fast_0: the rate of correct, unsuspected tasks), as KernelBench's ``fastp`` (speed-up > p).
 
-    ``results`` are task dicts with ``correct`` (bool) and ``key`` (a float or None). Every task
-    counts in the denominator, including those that failed to run: a task with no measurement
-    is a task not solved.
+    ``results`` are task dicts with ``correct`` (bool), ``suspect`` (bool, optional) and ``key``
+    (a float or None). Every task counts in the denominator, including those that failed to
+    run: a task with no measurement is a task not solved.
     """
     n = len(results)
     out: dict[str, float] = {}
     for p in ps:
         if p == 0:
-            hits = sum(1 for r in results if r.get("correct"))
+            hits = sum(1 for r in results if _counts(r))
         else:
-            hits = sum(1 for r in results if r.get("correct") and (r.get(key) or 0.0) > p)
+            hits = sum(1 for r in results if _counts(r) and (r.get(key) or 0.0) > p)
         out[f"{p:g}"] = hits / n if n else 0.0
     return out
+
+
+def geomean_speedup(results: Sequence[dict], key: str = "speedup_vs_eager") -> float:
+    """KernelBench's geometric mean of the speed-up over correct (here: and unsuspected) tasks."""
+    import math
+
+    values = [float(r[key]) for r in results if _counts(r) and isinstance(r.get(key), (int, float)) and r[key] > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else 0.0

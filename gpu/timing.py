@@ -12,6 +12,15 @@ Why each step:
 - ``interleaved_ab`` alternates A and B back to back so drift (clocks, thermals, neighbours)
   hits both equally; comparing two separately timed blocks confounds drift with speed.
 
+- the clocks are taken when this module is imported (``perf_counter_ns``) and when
+  ``capture_clocks()`` runs (CUDA events, ``synchronize``): a benchmark imports this module and
+  calls ``capture_clocks`` before any candidate code, so a candidate that patches
+  ``time.perf_counter_ns`` or ``torch.cuda.Event`` at import does not change what is measured.
+- ``before``/``after`` hooks run outside the timed region of every call: the KernelBench bench
+  makes fresh inputs there, checks the process state and spot-checks outputs.
+- ``marker`` is called right before and right after each timed region: the bench writes these
+  marks to a parent process, which keeps its own clock around each trial.
+
 torch is optional: it is imported only when a CUDA device is asked for or found.
 """
 
@@ -23,6 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from looptree.gpu.telemetry import NoGpu
+
+# The clocks as they were when looptree imported this module (before any candidate code).
+_perf_counter_ns = time.perf_counter_ns
+_CUDA: dict[str, Any] = {}
 
 # Side-stream guard: the host span may exceed the event span by launch/sync overhead only.
 _WALL_SLACK_MS = 0.1
@@ -66,6 +79,25 @@ class TimingResult:
         )
 
 
+def capture_clocks() -> None:
+    """Keep torch's CUDA timing functions as they are now (call before importing candidate code)."""
+    torch = _torch()
+    if torch is None or _CUDA:
+        return
+    try:
+        event = torch.cuda.Event
+        _CUDA.update(event=event, record=event.record, elapsed=event.elapsed_time,
+                     ev_sync=event.synchronize, sync=torch.cuda.synchronize, device=torch.cuda.device)
+    except AttributeError:  # a CPU-only build without torch.cuda.Event
+        pass
+
+
+def _cuda(name: str) -> Any:
+    if not _CUDA:
+        capture_clocks()
+    return _CUDA[name]
+
+
 def _torch() -> Any | None:
     try:
         import torch
@@ -104,6 +136,7 @@ class _CpuTimer:
 
             self._buf = np.zeros(flush_bytes // 8, dtype=np.float64)
         self._tick = 0.0
+        self.marker: Callable[[str], None] | None = None
 
     def warm(self, fn: Callable[[], Any]) -> None:
         fn()
@@ -112,9 +145,14 @@ class _CpuTimer:
         if self._buf is not None:
             self._tick += 1.0
             self._buf.fill(self._tick)
-        t0 = time.perf_counter_ns()
+        mark = self.marker
+        if mark is not None:
+            mark("B")
+        t0 = _perf_counter_ns()
         fn()
-        ms = (time.perf_counter_ns() - t0) / 1e6
+        ms = (_perf_counter_ns() - t0) / 1e6
+        if mark is not None:
+            mark("E")
         return ms, ms
 
 
@@ -130,6 +168,7 @@ class _CudaTimer:
         self.device = torch.device(device)
         self.sync = sync
         self._buf = None
+        self.marker: Callable[[str], None] | None = None
         if flush:
             props = torch.cuda.get_device_properties(self.device)
             l2 = int(getattr(props, "L2_cache_size", 0) or 0)
@@ -137,31 +176,35 @@ class _CudaTimer:
             self._buf = torch.empty(nbytes // 4, dtype=torch.int32, device=self.device)
 
     def _sync(self) -> None:
-        self.torch.cuda.synchronize(self.device)
+        _cuda("sync")(self.device)
 
     def warm(self, fn: Callable[[], Any]) -> None:
-        with self.torch.cuda.device(self.device):
+        with _cuda("device")(self.device):
             fn()
         self._sync()
 
     def trial(self, fn: Callable[[], Any]) -> tuple[float, float]:
-        torch = self.torch
-        with torch.cuda.device(self.device):
+        event, record = _cuda("event"), _cuda("record")
+        with _cuda("device")(self.device):
             if self._buf is not None:
                 self._buf.zero_()
             self._sync()  # flush finished and device idle before the clock starts
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            t0 = time.perf_counter_ns()
-            start.record()
+            start = event(enable_timing=True)
+            end = event(enable_timing=True)
+            if self.marker is not None:
+                self.marker("B")
+            t0 = _perf_counter_ns()
+            record(start)
             fn()
-            end.record()
+            record(end)
             if self.sync:
                 self._sync()  # whole device: catches work launched on other streams
             else:
-                end.synchronize()
-            wall = (time.perf_counter_ns() - t0) / 1e6
-            return float(start.elapsed_time(end)), wall
+                _cuda("ev_sync")(end)
+            wall = (_perf_counter_ns() - t0) / 1e6
+            if self.marker is not None:
+                self.marker("E")
+            return float(_cuda("elapsed")(start, end)), wall
 
 
 def _make_timer(device: str, flush_l2: bool, sync: bool) -> _CpuTimer | _CudaTimer:
@@ -191,20 +234,36 @@ def time_callable(
     device: str | int = "auto",
     flush_l2: bool = True,
     sync: bool = True,
+    discard_first: int = 0,
+    before: Callable[[int], None] | None = None,
+    after: Callable[[int], None] | None = None,
+    marker: Callable[[str], None] | None = None,
 ) -> TimingResult:
-    """Time ``fn()`` ``trials`` times after ``warmup`` calls; see the module doc for why."""
+    """Time ``fn()`` ``trials`` times after ``warmup`` calls; see the module doc for why.
+
+    ``discard_first`` extra trials are run and dropped (KernelBench drops one). ``before(i)`` and
+    ``after(i)`` run outside the timed region around trial ``i`` (0-based, discarded trials
+    included; warm-up calls are not announced).
+    """
     if trials < 1:
         raise ValueError("trials must be >= 1")
     dev = resolve_device(device)
     timer = _make_timer(dev, flush_l2, sync)
     for _ in range(max(0, warmup)):
         timer.warm(fn)
+    timer.marker = marker
     events: list[float] = []
     walls: list[float] = []
-    for _ in range(trials):
+    skip = max(0, discard_first)
+    for i in range(trials + skip):
+        if before is not None:
+            before(i)
         ev, wa = timer.trial(fn)
-        events.append(ev)
-        walls.append(wa)
+        if after is not None:
+            after(i)
+        if i >= skip:
+            events.append(ev)
+            walls.append(wa)
     return _result(timer, dev, events, walls)
 
 

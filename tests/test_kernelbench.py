@@ -57,6 +57,10 @@ def bench(problem: Path, solution: Path | None, tmp_path: Path, *extra: str) -> 
     metrics = tmp_path / "metrics.csv"
     out = tmp_path / "result.json"
     argv = ["--problem", str(problem), "--metrics", str(metrics), "--json", str(out), *QUICK, *extra]
+    if "--launcher" in argv:
+        argv.remove("--launcher")
+    else:
+        argv.append("--in-process")  # one torch import per test; the launcher has tests of its own
     if solution is not None:
         argv += ["--solution", str(solution)]
     rc = kb_bench.main(argv)
@@ -207,7 +211,8 @@ def test_correct_solution_writes_metrics_with_speedups(tmp_path: Path) -> None:
     rc, result, metrics = bench(LEVEL1 / "4_Conv1dGELU.py", SOLUTIONS / "4_Conv1dGELU.py", tmp_path)
     assert rc == 0, result["reason"]
     assert result["ok"] and result["correct"] and result["device"] == "cpu"
-    assert result["seeds_checked"] == [0, 1, 2]
+    assert result["seeds_checked"] == kb_bench.kernelbench_trial_seeds(3)  # KernelBench's, drawn from seed 42
+    assert result["suspect"] is False and result["atol"] == result["rtol"] == 1e-4
     header, row = [line.split(",") for line in metrics.read_text().splitlines()]
     assert header == ["iteration", *METRIC_COLUMNS]
     values = dict(zip(header, map(float, row)))
@@ -236,7 +241,7 @@ def test_reference_only_times_the_baselines(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("problem", "solution", "reason"),
     [
-        ("1_Matmul_ReLU.py", HACKS / "1_wrong.py", "values differ beyond atol=0.01"),
+        ("1_Matmul_ReLU.py", HACKS / "1_wrong.py", "values differ beyond atol=0.0001"),
         ("1_Matmul_ReLU.py", HACKS / "1_cache_outputs.py", "same output for different inputs"),
         ("1_Matmul_ReLU.py", HACKS / "1_zeros.py", "output is all zeros"),
         ("1_Matmul_ReLU.py", HACKS / "1_cache_by_identity.py", "stale result"),
@@ -265,7 +270,8 @@ def test_patching_torch_at_import_is_caught(tmp_path: Path) -> None:
                            "--solution", str(HACKS / "1_patch_torch.py"), *QUICK],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == kb_bench.EXIT_CANDIDATE
-    assert "changed what the reference Model computes" in proc.stderr.strip().splitlines()[-1]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "suspect: solution.py tampered with the process: torch.relu changed" in last
 
 
 OOM_PROBLEM = '''import torch
@@ -357,7 +363,8 @@ def test_eval_only_with_solutions_reports_correctness_and_fast_p(tmp_path: Path,
     expected_fast_1 = sum(1 for r in by_task.values() if r["correct"] and r["speedup_vs_eager"] > 1) / 3
     assert fp["1"] == pytest.approx(expected_fast_1)
     assert "fast_0 = 0.67 (2/3)" in printed
-    assert summary["counts"] == {"tasks": 3, "correct": 2, "incorrect": 1, "not_measured": 0, "oom": 0}
+    assert summary["counts"] == {"tasks": 3, "correct": 2, "incorrect": 1, "not_measured": 0, "oom": 0, "suspect": 0}
+    assert all(r["suspect"] is False for r in summary["results"])
 
 
 def test_eval_only_marks_a_task_that_does_not_fit_and_exits_non_zero(tmp_path: Path, capsys) -> None:
