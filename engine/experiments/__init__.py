@@ -1,0 +1,1 @@
+"""Comparing agent configurations: A/B experiments, sequential tests, the runs catalog, Pareto fronts."""
