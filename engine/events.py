@@ -21,7 +21,11 @@ from typing import Any, Callable, Iterator
 from looptree.engine.errors import LooptreeError, RunLockedError
 
 EVENTS_NAME = "events.jsonl"
+TELEMETRY_NAME = "telemetry.jsonl"
+"""GPU samples (one per device per second) live here, not in the event log: they would be most
+of its lines, and every reader of the run's state (resume, tree, show, attach) would parse them."""
 LOCK_NAME = "engine.lock"
+READ_CHUNK = 1 << 20
 
 
 def _last_line_start(fh: Any, size: int) -> int:
@@ -72,15 +76,31 @@ def _truncate_torn_tail(path: Path) -> None:
             fh.write(b"\n")  # a whole event whose newline was lost: keep it
 
 
-class EventLog:
-    """Writer side of `events.jsonl`. One per run directory, held by the engine that owns the lock."""
+def count_lines(path: Path) -> int:
+    """Lines in a file, counted in chunks without parsing (after `_truncate_torn_tail`, one per event)."""
+    count = 0
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(READ_CHUNK):
+                count += chunk.count(b"\n")
+    except FileNotFoundError:
+        return 0
+    return count
 
-    def __init__(self, run_dir: Path, *, fsync: bool = False) -> None:
+
+class EventLog:
+    """Writer side of `events.jsonl`. One per run directory, held by the engine that owns the lock.
+
+    `seq` is the next event's number when the caller already folded the log (resume), which
+    saves a pass over it; otherwise the complete lines are counted.
+    """
+
+    def __init__(self, run_dir: Path, *, fsync: bool = False, seq: int | None = None) -> None:
         self.path = run_dir / EVENTS_NAME
         self.fsync = fsync
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_torn_tail(self.path)
-        self._seq = sum(1 for _ in iter_events(self.path))
+        self._seq = count_lines(self.path) if seq is None else seq
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         # In-process listeners (the state fold first, then printers) see each event once it is on disk.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -113,28 +133,119 @@ class EventLog:
             self._fd = -1
 
 
-def iter_events(path: Path) -> Iterator[dict[str, Any]]:
-    """Read every complete event; a torn or garbled last line is skipped, a garbled middle line is an error."""
+def _skipped(raw: bytes, skip: frozenset[bytes]) -> bool:
+    """True when the line's `type` is one of `skip`, judged from the bytes without parsing them.
+
+    The writer puts `"type"` third (`{"seq":…,"ts":…,"type":"…"`), so its value sits in the
+    first hundred bytes; a line written some other way is simply parsed.
+    """
+    head = raw[:120]
+    return any(marker in head for marker in skip)
+
+
+def iter_events(path: Path, *, skip_types: frozenset[str] = frozenset()) -> Iterator[dict[str, Any]]:
+    """Stream every complete event; a torn or garbled last line is skipped, a garbled middle line is an error.
+
+    One line is held back at a time (a bad line is only forgiven when it is the last), so memory
+    stays flat however long the log is. `skip_types` leaves those events out without parsing
+    them (GPU samples in logs written before they had their own file).
+    """
+    markers = frozenset(f'"type":"{name}"'.encode() for name in skip_types)
     try:
-        fh = open(path, "rb")
+        fh = open(path, "rb", buffering=READ_CHUNK)
     except FileNotFoundError:
         return
     with fh:
-        lines = fh.read().split(b"\n")
-    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
-    for number, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            yield json.loads(raw)
-        except json.JSONDecodeError:
-            if number == last:
-                return  # torn tail: the engine died mid-write
-            raise LooptreeError(f"{path}: line {number + 1} is not valid JSON (the event log is damaged)") from None
+        pending: tuple[int, bytes] | None = None
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            if pending is not None:
+                event = _parse_line(path, *pending, last=False)
+                if event is not None:
+                    yield event
+            pending = None if markers and _skipped(raw, markers) else (number, raw)
+        if pending is not None:
+            event = _parse_line(path, *pending, last=True)
+            if event is not None:
+                yield event
+
+
+def _parse_line(path: Path, number: int, raw: bytes, *, last: bool) -> dict[str, Any] | None:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        if last:
+            return None  # torn tail: the engine died mid-write
+        raise LooptreeError(f"{path}: line {number} is not valid JSON (the event log is damaged)") from None
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     return list(iter_events(path))
+
+
+class TelemetryLog:
+    """Writer of `telemetry.jsonl`: GPU samples, one JSON line each, beside the event log.
+
+    Samples carry `ts`, `type` ("gpu_sample"), `device` and `fields`, like the events they used to
+    be, but no `seq`: they change no state that resume needs, so losing the last one to a crash
+    costs nothing, and they never slow a fold of the run.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / TELEMETRY_NAME
+        _truncate_torn_tail(self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def append(self, device: int, fields: dict[str, Any]) -> dict[str, Any]:
+        sample = {"ts": round(time.time(), 6), "type": "gpu_sample", "device": device, "fields": fields}
+        line = (json.dumps(sample, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self._fd, view):]
+        return sample
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def last_samples(run_dir: Path, limit_bytes: int = 1 << 20) -> list[dict[str, Any]]:
+    """The newest GPU samples (from the last `limit_bytes` of telemetry.jsonl): what a viewer starts with."""
+    path = run_dir / TELEMETRY_NAME
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - limit_bytes))
+            data = fh.read()
+    except FileNotFoundError:
+        return []
+    lines = data.split(b"\n")
+    if size > limit_bytes:
+        lines = lines[1:]  # the first line is cut
+    out = []
+    for raw in lines:
+        if raw.strip():
+            try:
+                out.append(json.loads(raw))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def iter_run(run_dir: Path) -> Iterator[dict[str, Any]]:
+    """Events and GPU samples of a run in time order (replay): two sorted streams, merged."""
+    import heapq
+
+    def keyed(stream: Iterator[dict[str, Any]]) -> Iterator[tuple[float, int, dict[str, Any]]]:
+        for index, item in enumerate(stream):
+            yield float(item.get("ts", 0.0)), index, item
+
+    events = keyed(iter_events(run_dir / EVENTS_NAME))
+    samples = keyed(iter_events(run_dir / TELEMETRY_NAME))
+    for _, _, item in heapq.merge(events, samples, key=lambda entry: (entry[0], entry[1])):
+        yield item
 
 
 @dataclass

@@ -64,7 +64,7 @@ def test_detach_prints_how_to_reattach(tmp_path: Path) -> None:
     write_events(run_dir / "events.jsonl", demo_run())
     env = {**os.environ, "TEXTUAL_DRIVER": "textual.drivers.headless_driver:HeadlessDriver",
            "TEXTUAL_PRESS": "q", "LOOPTREE_FROZEN_TIME": "1700000100"}
-    code = ("import sys; from app import run_dashboard; "
+    code = ("import sys; from looptree.app import run_dashboard; "
             f"sys.exit(run_dashboard({str(run_dir)!r}, mode='live', color='256'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

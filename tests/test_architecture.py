@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,3 +43,23 @@ def test_headless_entry_point_refuses_a_dashboard_with_one_line(tmp_path: Path) 
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == "looptree: error: this entry point has no dashboard; use `looptree` or pass --no-tui"
+
+
+OLD_ROOTS = re.compile(r"(?<![\w.])(?:from|import)\s+(?:engine|app|gpu|styles)\b")
+NEW_FORM = re.compile(r"from\s+looptree\s+import\s+(?:engine|app|gpu|styles)\b")
+
+
+def test_no_code_imports_the_old_top_level_names() -> None:
+    """Everything imports `looptree.engine…`: the wheel has no top-level `engine`, `app`, `gpu`.
+
+    Tests and bench helpers run with the repository root as their working directory, where the
+    folders would still import under their bare names; this check sees through that (code in
+    strings handed to `python -c` included).
+    """
+    offenders = []
+    for folder in ("engine", "app", "gpu", "styles", "tests", "benchmarks", "sample_projects"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                if OLD_ROOTS.search(NEW_FORM.sub("", line)) and not line.lstrip().startswith("#"):
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

@@ -150,17 +150,21 @@ async def test_two_gpus_one_bench_per_device_pinned_env_and_telemetry(tmp_path: 
     assert len(status) == 1 and status[0]["available"] is True
     assert status[0]["devices"] == [0, 1] and status[0]["backend"] == "fake" and status[0]["reason"] is None
 
-    # Telemetry: samples of both devices, naming the node that held the device when taken.
-    samples = [e for e in events if e["type"] == "gpu_sample"]
+    # Telemetry: samples of both devices, naming the node that held the device when taken. They
+    # live in telemetry.jsonl, so the event log (read by every fold) stays small.
+    assert not [e for e in events if e["type"] == "gpu_sample"]
+    samples = read_events(run_dir / "telemetry.jsonl")
     assert {e["device"] for e in samples} == {0, 1}
     assert {e["fields"]["util"] for e in samples if e["device"] == 0} == {87.0}
     assert {e["fields"]["mem_used"] for e in samples if e["device"] == 1} == {4321.0}
     named = [e for e in samples if e["fields"].get("node")]
     assert named, "no gpu_sample named the node benchmarking on its device"
+    ts_of = {e["seq"]: e["ts"] for e in events}  # samples carry a time, not a place in the event log
     for e in named:
         start, end, device = intervals[e["fields"]["node"]]
-        assert device == e["device"] and e["seq"] < end, e
-    assert all(e["fields"]["node"] is None for e in samples if e["seq"] > max(f for _, f, _ in intervals.values()))
+        assert device == e["device"] and e["ts"] <= ts_of[end], e
+    last_end = max(ts_of[f] for _, f, _ in intervals.values())
+    assert all(e["fields"]["node"] is None for e in samples if e["ts"] > last_end)
 
 
 async def test_gpu_devices_subset_keeps_every_bench_on_the_chosen_device(tmp_path: Path) -> None:
@@ -190,6 +194,7 @@ async def test_without_a_gpu_benches_run_on_cpu_with_no_device_visible(tmp_path:
     assert len(status) == 1
     assert (status[0]["available"], status[0]["reason"], status[0]["devices"]) == (False, reason, [])
     assert not [e for e in events if e["type"] == "gpu_sample"]
+    assert not (engine.run_dir / "telemetry.jsonl").exists()
     intervals = bench_intervals(events)
     assert len(intervals) == 1 + NUM_SAMPLES and {d for _, _, d in intervals.values()} == {None}
     for node_id in intervals:
@@ -246,5 +251,5 @@ async def test_real_gpus_through_nvml_when_present(tmp_path: Path) -> None:
     for e in (e for e in events if e["type"] == "node_evaluated"):
         assert e["device"] in status["devices"]
         assert seen_env(engine.run_dir, e["id"]) == (repr(str(e["device"])), repr("PCI_BUS_ID"))
-    samples = [e for e in events if e["type"] == "gpu_sample"]
+    samples = read_events(engine.run_dir / "telemetry.jsonl")
     assert samples and all((e["fields"]["mem_total"] or 0) > 0 for e in samples)

@@ -13,7 +13,19 @@ from pathlib import Path
 import pytest
 
 from looptree.engine.errors import LooptreeError, RunLockedError
-from looptree.engine.events import EVENTS_NAME, LOCK_NAME, EventLog, EventTail, RunLock, iter_events, read_events
+from looptree.engine.events import (
+    EVENTS_NAME,
+    LOCK_NAME,
+    EventLog,
+    EventTail,
+    RunLock,
+    TelemetryLog,
+    count_lines,
+    iter_events,
+    iter_run,
+    last_samples,
+    read_events,
+)
 
 
 def raw_lines(run_dir: Path) -> list[bytes]:
@@ -284,3 +296,90 @@ def test_reopen_cuts_a_torn_last_event_longer_than_the_scan_chunk(tmp_path: Path
     log.append("run_paused")
     log.close()
     assert [e["type"] for e in read_events(path)] == ["run_started", "run_paused"]
+
+
+# --------------------------------------------------------------------------- a log that scales
+def test_reader_streams_without_reading_the_whole_file(tmp_path: Path) -> None:
+    """The reader holds one line at a time: it yields the first event before the file ends."""
+    log = EventLog(tmp_path)
+    for index in range(3):
+        log.append("message", text=str(index))
+    log.close()
+    stream = iter_events(tmp_path / EVENTS_NAME)
+    first = next(stream)
+    with open(tmp_path / EVENTS_NAME, "a") as fh:  # appended after the reader started
+        fh.write(json.dumps({"seq": 3, "ts": 1.0, "type": "message", "text": "late"}) + "\n")
+    assert first["text"] == "0"
+    assert [e["text"] for e in stream] == ["1", "2", "late"]
+
+
+def test_skip_types_leaves_samples_out_and_still_catches_damage(tmp_path: Path) -> None:
+    path = tmp_path / EVENTS_NAME
+    path.write_text(
+        '{"seq":0,"ts":1,"type":"run_started","run":1}\n'
+        '{"seq":1,"ts":2,"type":"gpu_sample","device":0,"fields":{"util":5}}\n'
+        '{"seq":2,"ts":3,"type":"message","text":"x"}\n'
+    )
+    kept = list(iter_events(path, skip_types=frozenset({"gpu_sample"})))
+    assert [e["type"] for e in kept] == ["run_started", "message"]
+    path.write_text(path.read_text().replace('"type":"message"', '"type":"message" garbage'))
+    assert [e["type"] for e in iter_events(path)] == ["run_started", "gpu_sample"]  # a torn last line
+    path.write_text(path.read_text() + '{"seq":3,"ts":4,"type":"message"}\n')
+    with pytest.raises(LooptreeError, match="line 3"):  # the same line in the middle is damage
+        list(iter_events(path, skip_types=frozenset({"gpu_sample"})))
+
+
+def test_writer_counts_lines_to_continue_the_sequence(tmp_path: Path) -> None:
+    log = EventLog(tmp_path)
+    for _ in range(5):
+        log.append("message", text="x")
+    log.close()
+    with open(tmp_path / EVENTS_NAME, "a") as fh:
+        fh.write('{"seq":5,"ts":1,"type":"mes')  # torn: cut on reopen, not counted
+    assert count_lines(tmp_path / EVENTS_NAME) == 5
+    log = EventLog(tmp_path)
+    assert log.append("message", text="y")["seq"] == 5
+    log.close()
+
+
+def test_telemetry_lives_beside_the_log_and_replay_merges_by_time(tmp_path: Path) -> None:
+    log = EventLog(tmp_path)
+    samples = TelemetryLog(tmp_path)
+    log.append("run_started", run=1)
+    first = samples.append(0, {"util": 10.0})
+    log.append("message", text="between")
+    second = samples.append(1, {"util": 20.0})
+    log.close()
+    samples.close()
+    assert [e["type"] for e in read_events(tmp_path / EVENTS_NAME)] == ["run_started", "message"]
+    assert [s["device"] for s in last_samples(tmp_path)] == [0, 1]
+    assert "seq" not in first and second["fields"] == {"util": 20.0}
+    merged = [(e["type"], e.get("device")) for e in iter_run(tmp_path)]
+    assert merged == [("run_started", None), ("gpu_sample", 0), ("message", None), ("gpu_sample", 1)]
+
+
+def test_last_samples_reads_only_the_end_and_drops_the_cut_line(tmp_path: Path) -> None:
+    samples = TelemetryLog(tmp_path)
+    for step in range(2000):
+        samples.append(step % 4, {"util": float(step)})
+    samples.close()
+    tail = last_samples(tmp_path, limit_bytes=4096)
+    assert 10 < len(tail) < 2000
+    assert tail[-1]["fields"]["util"] == 1999.0
+    steps = [s["fields"]["util"] for s in tail]
+    assert steps == sorted(steps) and steps == list(range(int(steps[0]), 2000))  # whole lines, none cut
+
+
+def test_fold_of_a_run_dir_tracks_the_control_offset_and_skips_samples(tmp_path: Path) -> None:
+    from looptree.engine.state import RunState
+
+    path = tmp_path / EVENTS_NAME
+    path.write_text(
+        '{"seq":0,"ts":1,"type":"run_started","run":3,"config":{}}\n'
+        '{"seq":1,"ts":2,"type":"gpu_sample","device":0,"fields":{"util":5}}\n'
+        '{"seq":2,"ts":3,"type":"run_paused","control_offset":120}\n'
+        '{"seq":3,"ts":4,"type":"run_unpaused","control_offset":80}\n'
+    )
+    state = RunState.load(tmp_path)
+    assert state.run == 3 and state.control_offset == 120 and state.paused is False
+    assert state.gpu == {}  # samples are not part of the run's state

@@ -74,7 +74,7 @@ def test_deterministic_with_seed() -> None:
 
 def test_deterministic_across_processes() -> None:
     code = (
-        "from engine.stats import compare\n"
+        "from looptree.engine.stats import compare\n"
         "v = compare([10.1, 9.9, 10.3, 10.0, 10.2], [9.0, 9.3, 9.1, 8.8, 9.2], seed=7)\n"
         "print(repr((v.label, v.ratio, v.ci_low, v.ci_high, v.p_value)))"
     )
