@@ -1,7 +1,7 @@
 """The Textual dashboard: a viewer of a run's events.jsonl that writes control.jsonl.
 
 `run_dashboard` is what the CLI calls; `LooptreeApp` is the App itself (for tests and embedding).
-Both are imported lazily so that `import app` does not import Textual before the colour options
+Both are imported lazily so that `import looptree.app` does not import Textual before the colour options
 are applied.
 """
 

@@ -39,11 +39,12 @@ from looptree.app.files import DiffCache, parent_commit
 from looptree.app.labels import budget_text, header_text
 from looptree.app.model import RunView, now_or_frozen
 from looptree.app.replay import ReplayCursor, Seek
+from looptree.app.widgets.footer import LeanFooter
 from looptree.app.widgets.detail import DetailPanel, diff_renderable, info_text, logs_renderable
 from looptree.app.widgets.panels import GpuPanel, LiveRows, MetricPlot
 from looptree.app.widgets.run_tree import RunTree
 from looptree.engine.errors import LooptreeError
-from looptree.engine.events import EVENTS_NAME, EventTail, RunLock, read_events
+from looptree.engine.events import EVENTS_NAME, TELEMETRY_NAME, EventTail, RunLock, iter_run, last_samples
 from looptree.engine.state import NodeState
 
 Mode = Literal["live", "replay"]
@@ -125,6 +126,7 @@ class LooptreeApp(DashboardActions, App[int]):
         self.loaded = False
         self.error: str | None = None
         self._tail = EventTail(self.run_dir / EVENTS_NAME)
+        self._samples = EventTail(self.run_dir / TELEMETRY_NAME)
         self._selected_id: str | None = None
         self._rows_node: str | None = None
         self._frame = 0
@@ -163,7 +165,7 @@ class LooptreeApp(DashboardActions, App[int]):
                         yield Static("", id="budget")
                     with TabPane("Events", id="tab-events"):
                         yield RichLog(id="events", max_lines=LOG_LIMIT, wrap=False, markup=False, highlight=False)
-        yield Footer(compact=True)
+        yield LeanFooter(compact=True)
 
     @property
     def tree(self) -> RunTree:
@@ -182,10 +184,16 @@ class LooptreeApp(DashboardActions, App[int]):
     def _load(self) -> None:
         """Thread worker: read (and, live, fold) the whole log so far without blocking the UI."""
         if self.mode == "replay":
-            events = read_events(self.run_dir / EVENTS_NAME)
+            events = list(iter_run(self.run_dir))  # events and GPU samples, in time order
             self.cursor = ReplayCursor(events, speed=self.speed, playing=self.autoplay)
         else:
             self.view.apply_all(self._tail.poll())
+            # Only the newest GPU samples matter to a viewer: start from the file's end.
+            try:
+                self._samples.offset = (self.run_dir / TELEMETRY_NAME).stat().st_size
+            except FileNotFoundError:
+                self._samples.offset = 0
+            self.view.apply_all(last_samples(self.run_dir))
             try:
                 self.engine_alive = RunLock.is_held(self.run_dir)
             except OSError:
@@ -238,7 +246,7 @@ class LooptreeApp(DashboardActions, App[int]):
     def _live_tick(self) -> None:
         if not self._alive():
             return
-        events = self._tail.poll()
+        events = self._tail.poll() + self._samples.poll()
         if events:
             self.view.apply_all(events)
         self._redraw()
@@ -318,8 +326,8 @@ class LooptreeApp(DashboardActions, App[int]):
                 self._render_detail()
             if changes.rows_node is not None:
                 self._rows_node = changes.rows_node
-            if changes.rows_changed or force:
-                self._sync_rows()
+            if changes.rows_changed or force or self._rows_node in changes.dirty_nodes:
+                self._sync_rows()  # also when its node finishes: the title's status and median change
             if changes.gpu_changed:
                 self._gpu_dirty = True
             self._maybe_gpu(force)

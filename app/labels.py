@@ -14,6 +14,7 @@ from typing import Any
 from rich.text import Text
 
 from looptree.app.model import RUNNING, RunView, fmt_duration, fmt_num, fmt_tokens, improvement, run_status
+from looptree.engine.report import containment_text
 from looptree.engine.state import NodeState
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
@@ -37,7 +38,8 @@ def label_key(view: RunView, node: NodeState, frame: int | None) -> tuple[Any, .
     running = node.status in RUNNING and not view.state.finished
     verdict = node.verdict.get("label") if node.verdict else None
     return (bool(view.state.finished), node.status, node.stage if running else None, value, node.pruned, node.pinned,
-            node.id == view.best_id, node.failure_stage, frame if running else None, node.kind, verdict)
+            node.id == view.best_id, node.failure_stage, frame if running else None, node.kind, verdict,
+            node.suspect)
 
 
 def node_label(view: RunView, node: NodeState, frame: int | None) -> Text:
@@ -46,6 +48,8 @@ def node_label(view: RunView, node: NodeState, frame: int | None) -> Text:
     interrupted = node.status in RUNNING and bool(view.state.finished)  # the run ended around it
     if interrupted:
         glyph, colour = "◌", "grey50"
+    elif node.suspect:  # evaluated, but its metrics look forged: never credited
+        glyph, colour = "⚠", "bold red"
     elif node.status in RUNNING and frame is not None:
         glyph = SPINNER[frame % len(SPINNER)]
     is_best = node.id == view.best_id
@@ -58,7 +62,9 @@ def node_label(view: RunView, node: NodeState, frame: int | None) -> Text:
         text.append("  ")
         text.append(fmt_num(node.metrics[spec.column]), style="bold" if is_best else "")
         verdict = node.verdict.get("label") if node.verdict else None
-        if verdict in VERDICT_MARKS:
+        if node.suspect:
+            text.append(" suspect", style="bold red")
+        elif verdict in VERDICT_MARKS:
             mark, style = VERDICT_MARKS[verdict]
             text.append(mark, style=style)
     elif node.status == "failed":
@@ -102,6 +108,8 @@ def header_text(view: RunView, *, now: float, engine_alive: bool | None, replay:
     end = state.finished_ts if state.finished and state.finished_ts else now
     elapsed = end - state.started_ts if state.started_ts is not None else None
     line.append(f" · {fmt_duration(elapsed)}")
+    if containment_text(state):  # the reason is in `looptree tree` and the event log
+        line.append(" · not sandboxed", style="bold red")
     if replay:
         line.append(f" · {replay}", style="bold magenta")
     line.append("\n")

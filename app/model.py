@@ -138,7 +138,7 @@ class RunView:
             self._specs_seen = state.specs
             self._recompute_best()
             return
-        if node.ok and node.metrics:
+        if node.credible and node.metrics:  # a suspect node is never best
             key = rank_key(state, node)
             if self._best_key is None or key > self._best_key:
                 self._set_best(node.id, key)

@@ -83,17 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("kernelbench", help="optimize KernelBench-format problems, one run each")
-    p.add_argument("--dataset", required=True, metavar="DIR")
-    p.add_argument("--level", required=True, metavar="L")
-    p.add_argument("--tasks", required=True, metavar="A-B")
-    p.add_argument("--eval-only", action="store_true", help="time the reference (and --solutions) without an agent")
-    p.add_argument("--solutions", default=None, metavar="DIR",
-                   help="with --eval-only: time DIR/{N}_*.py (ModelNew) against each task's baselines")
-    p.add_argument("--out", default=None, metavar="DIR", help="where the per-task projects go")
-    p.add_argument("--no-tui", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    from looptree.engine.kernelbench_cli import add_arguments  # light: the sweep itself is imported on use
+
+    add_arguments(p)
 
     sub.add_parser("gpus", help="what NVML sees (prints a clear line when no GPU)")
+
+    p = sub.add_parser("doctor", help="what a run would get here: sandbox, memory limit, device locks, GPUs, "
+                                      "endpoints reached, cluster")
+    p.add_argument("dir", nargs="?", default=".")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    from looptree.engine.experiments.cli import register as register_experiments
+
+    register_experiments(sub)  # config, ab, pareto, runs, export (each parser carries its handler)
     return parser
 
 
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None, *, dashboard: Dashboard | None = None) -
     if args.command is None:
         parser.print_help()
         return 2
-    handler = globals()[f"cmd_{args.command}"]
+    handler = getattr(args, "handler", None) or globals()[f"cmd_{args.command}"]
     try:
         return int(handler(args) or 0)
     except LooptreeError as exc:
@@ -167,11 +169,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     project = Path(args.dir).resolve()
     if not project.is_dir():
         raise LooptreeError(f"{args.dir} is not a directory")
-    config = load_config(project, Path(args.config).resolve() if args.config else None, args.overrides)
+    config = load_config(project, Path(args.config).resolve() if args.config else None, args.overrides, deep=False)
+    _check_cheap_first(project, config, Path(args.config).name if args.config else None)
     if _wants_tui(args):
         return _run_with_dashboard(args, project, config)
     run_dir = Path(args.run_dir) if args.run_dir else None
     return asyncio.run(_drive(lambda: _create(project, config, run_dir), json_mode=args.json))
+
+
+def _check_cheap_first(project: Path, config, source: str | None) -> None:
+    """The config mistakes that cost nothing to find, before anything heavy is imported.
+
+    Why: a missing API key or a writable pattern that matches nothing must be reported in well
+    under a second; the significance check imports scipy and the engine imports numpy, git and
+    the LLM client, which takes seconds on a busy machine (tests/test_cli.py checks the modules).
+    """
+    from looptree.engine.config import CONFIG_NAME, check_deep, check_patterns
+
+    check_patterns(config, project)
+    if config.agent.provider != "replay":
+        from looptree.engine.llm.providers import resolve_endpoint
+
+        resolve_endpoint(config.agent.provider, config.agent.base_url, config.agent.api_key_env)
+    check_deep(config, source or CONFIG_NAME)
 
 
 async def _create(project: Path, config, run_dir: Path | None):
@@ -185,6 +205,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     run_dir = resolve_run_dir(args.run_dir)
     if _wants_tui(args):
+        from looptree.engine.runs import check_resumable
+        from looptree.engine.state import RunState
+
+        check_resumable(RunState.load(run_dir), run_dir, "resume")  # before a process is spawned
         return _spawn_and_attach(["resume", str(run_dir), "--no-tui"], run_dir, args.color)
     from looptree.engine.engine import Engine
 
@@ -193,12 +217,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 async def _drive(make_engine, *, json_mode: bool) -> int:
     """Run an engine headless; SIGINT/SIGTERM ask for a clean stop, a second one forces it."""
-    from looptree.engine.headless import drive
+    from looptree.engine.headless import drive, exit_status_for
 
     engine = await make_engine()
-    reason = (await drive(engine, json_mode=json_mode)).reason
+    driven = await drive(engine, json_mode=json_mode)
+    reason = driven.reason
     print(f"looptree: run {engine.state.run} finished: {reason}; see `looptree tree {engine.run_dir}`", file=sys.stderr)
-    return 1 if reason.startswith("error:") else 0
+    if reason.startswith("error:"):
+        return 1
+    return exit_status_for(driven.signal) or 0  # SIGTERM: 143, so a scheduler sees the preemption
 
 
 def _run_with_dashboard(args: argparse.Namespace, project: Path, config) -> int:
@@ -254,14 +281,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _replay_headless(run_dir: Path, speed: float) -> int:
-    from looptree.engine.events import read_events
+    from looptree.engine.events import EVENTS_NAME, iter_events
     from looptree.engine.printer import Printer
     from looptree.engine.state import RunState
 
     state = RunState()
     printer = Printer(state)
     previous = None
-    for event in read_events(run_dir / "events.jsonl"):
+    for event in iter_events(run_dir / EVENTS_NAME):
         if previous is not None:
             time.sleep(min(2.0, max(0.0, event.get("ts", 0) - previous)) / speed)
         previous = event.get("ts", previous)
@@ -271,18 +298,19 @@ def _replay_headless(run_dir: Path, speed: float) -> int:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from looptree.engine.control import NEEDS_ID, append_control, make_command
+    from looptree.engine.control import NEEDS_ID, append_control, make_command, new_budget
     from looptree.engine.events import RunLock
-    from looptree.engine.runs import resolve_run_dir
+    from looptree.engine.runs import check_resumable, resolve_run_dir
+    from looptree.engine.state import RunState
 
     run_dir = resolve_run_dir(args.run_dir)
     record = make_command(args.cmd, args.arg if args.cmd in NEEDS_ID else None, hint=args.hint,
                           tokens=args.arg if args.cmd == "budget" else None)
+    state = RunState.load(run_dir)
+    check_resumable(state, run_dir, "control")
+    if args.cmd == "budget" and state.max_tokens is not None:
+        new_budget(int(state.max_tokens), args.arg)  # refuses a cap below 1 token
     if args.cmd in NEEDS_ID:
-        from looptree.engine.events import read_events
-        from looptree.engine.state import RunState
-
-        state = RunState.from_events(read_events(run_dir / "events.jsonl"))
         if args.arg not in state.nodes:
             raise LooptreeError(f"no node {args.arg} in run {state.run} (see `looptree tree {run_dir}`)")
     append_control(run_dir, record)
@@ -293,13 +321,12 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
-    from looptree.engine.events import read_events
     from looptree.engine.report import render_tree, tree_json
     from looptree.engine.runs import resolve_run_dir
     from looptree.engine.state import RunState
 
     run_dir = resolve_run_dir(args.run_dir)
-    state = RunState.from_events(read_events(run_dir / "events.jsonl"))
+    state = RunState.load(run_dir)
     if args.json:
         print(json.dumps(tree_json(state), indent=2))
     else:
@@ -309,13 +336,12 @@ def cmd_tree(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from looptree.engine import gitops
-    from looptree.engine.events import read_events
     from looptree.engine.report import render_show
     from looptree.engine.runs import resolve_run_dir
     from looptree.engine.state import RunState
 
     run_dir = resolve_run_dir(args.run_dir)
-    state = RunState.from_events(read_events(run_dir / "events.jsonl"))
+    state = RunState.load(run_dir)
     node = state.nodes.get(args.node_id)
     diff_text = ""
     if node is not None and node.commit:
@@ -349,6 +375,12 @@ def cmd_kernelbench(args: argparse.Namespace) -> int:
     except ImportError:
         raise LooptreeError("kernelbench support is not installed in this build") from None
     return run_kernelbench(args)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from looptree.engine.doctor import run_doctor
+
+    return run_doctor(Path(args.dir).resolve(), args.overrides)
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:

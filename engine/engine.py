@@ -21,19 +21,23 @@ import tomli_w
 
 from looptree.engine import gitops, search
 from looptree.engine.access import AccessPolicy
-from looptree.engine.agents import AgentCaller, make_backend
+from looptree.engine.agents import AgentCaller, ideas_failure, make_backend
 from looptree.engine.config import Config, check_patterns, validate_config
-from looptree.engine.control import ControlTail, parse_budget
+from looptree.engine.control import ControlTail, control_key, new_budget
 from looptree.engine.edits import apply_edits, parse_change_reply
 from looptree.engine.errors import BudgetExhausted, EditError, GitError, LooptreeError
+from looptree.engine.cluster.executor import make_executor
 from looptree.engine.evaluator import EvalOutcome, Evaluator
-from looptree.engine.events import EventLog, RunLock, read_events
+from looptree.engine.guard import RepoGuard
+from looptree.engine.events import EventLog, RunLock, TelemetryLog
 from looptree.engine.llm.budget import TokenBudget
 from looptree.engine.llm.types import LLMBackend
 from looptree.engine.metrics import MetricSpec, parse_header
-from looptree.engine.procs import Limits, kill_jobs_with_prefix
-from looptree.engine.prompts import PromptBuilder, format_results, load_templates, parse_ideas, prompt_hash
-from looptree.engine.runs import node_dir, runs_root, worktrees_root
+from looptree.engine.procs import kill_jobs_with_prefix, run_limits
+from looptree.engine.prompts import PromptBuilder, format_results, load_templates, parse_ideas, prompt_hash, scrubber_for
+from looptree.engine.experiments.components import call_components, template_hashes
+from looptree.engine.runs import check_resumable, node_dir, runs_root, worktrees_root
+from looptree.engine.sandbox import resolve_sandbox
 from looptree.engine.state import NodeState, RunState
 from looptree.gpu.slots import DeviceSlots, env_for, parse_devices
 from looptree.gpu.telemetry import TelemetryBackend, choose_backend, sample_loop
@@ -71,9 +75,13 @@ class Engine:
         self.log = log
         self.state = state
         self.lock = lock
-        self.policy = AccessPolicy(config.project.writable, config.project.readonly, config.project.hidden)
+        self.policy = AccessPolicy(config.project.writable, config.project.readonly, config.project.hidden,
+                                   config.project.hidden_needed)
+        # The one redaction step before any prompt: hidden text and secret values never reach an LLM.
+        self.scrubber = scrubber_for(project_dir, self.policy, [config.agent.api_key_env],
+                                     cassette=project_dir / config.agent.cassette)
         self.prompts = PromptBuilder(load_templates(config.prompts.model_dump(), project_dir), config.project.goal, self.policy,
-                                     config.project.writable, config.project.readonly)
+                                     config.project.writable, config.project.readonly, scrub=self.scrubber)
         self.backend = backend or make_backend(config, project_dir, run_dir)
         cap = state.max_tokens if state.max_tokens is not None else config.budget.max_tokens
         self.budget = TokenBudget(cap, config.budget.max_cost_usd)
@@ -84,14 +92,23 @@ class Engine:
         if mark_used is not None:  # a resumed replay must not hand out replies already consumed
             mark_used(state.consumed_replies)
         self.caller = AgentCaller(self.backend, self.budget, config, self.emit)
-        self.evaluator = Evaluator(config, Limits(cpu_seconds=config.bench.cpu_limit_s or None,
-                                                  address_space_mb=config.bench.memory_limit_mb or None,
-                                                  open_files=config.bench.open_files))
+        limits, self.memory = run_limits(config)
+        self.evaluator = Evaluator(config, limits)
         self.telemetry = telemetry if telemetry is not None else choose_backend(config.gpu.telemetry)
-        self.gpu_devices = [] if config.bench.device == "cpu" else parse_devices(config.gpu.devices, self.telemetry)
-        if config.bench.device == "gpu" and not self.gpu_devices:
+        # On a Ray cluster (engine/cluster/) the workers hold the devices; this machine's are not used.
+        self.remote = config.cluster.backend == "ray"
+        self.gpu_devices = [] if config.bench.device == "cpu" or self.remote else parse_devices(config.gpu.devices,
+                                                                                               self.telemetry)
+        if config.bench.device == "gpu" and not self.gpu_devices and not self.remote:
             raise LooptreeError(f"bench.device = 'gpu' but no GPU can be used: "
                                 f"{getattr(self.telemetry, 'reason', None) or 'gpu.devices selects none'}")
+        # Every project command runs contained (engine/sandbox.py); "on" refuses to start without it.
+        self.containment = resolve_sandbox(config, hide=[repo.root, project_dir], telemetry=self.telemetry,
+                                           devices=self.gpu_devices)
+        self.evaluator.sandbox = self.containment.sandbox
+        self.executor = make_executor(config, telemetry=self.telemetry, sandbox=self.containment.sandbox,
+                                      say=lambda text: self.emit("message", text=text))
+        self.evaluator.executor = self.executor
         self.slots = DeviceSlots(self.gpu_devices or "none")
         self.workers = asyncio.Semaphore(config.search.num_workers)
         self.bench_slots = asyncio.Semaphore(config.bench.concurrency)
@@ -101,7 +118,11 @@ class Engine:
         self.node_tasks: dict[str, asyncio.Task[Any]] = {}
         self.killed: set[str] = set()
         self.fork_tasks: set[asyncio.Task[Any]] = set()
-        self.control = ControlTail(run_dir / "control.jsonl")
+        # Only lines signed with this run's key are obeyed (engine/control.py).
+        self.control = ControlTail(run_dir / "control.jsonl", key=control_key(run_dir))
+        # After every stage: the user's refs, config, hooks and this run's branches as before.
+        self.guard = RepoGuard(repo, project_dir, self._run_branches, self.emit)
+        self.evaluator.guard = self.guard
         self.job_prefix = job_prefix(run_dir)
         self._main_task: asyncio.Task[Any] | None = None
         self._git_lock = asyncio.Lock()
@@ -115,6 +136,11 @@ class Engine:
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
         return self.log.append(type_, **fields)
 
+    def say_containment(self) -> None:
+        """One line at start when project commands run uncontained (the reason is in the event too)."""
+        if self.containment.line:
+            self.emit("message", text=self.containment.line)
+
     # -- construction ----------------------------------------------------------------------
     @classmethod
     async def create(cls, project_dir: Path, config: Config, *, run_dir: Path | None = None,
@@ -126,6 +152,11 @@ class Engine:
             from looptree.engine.llm.providers import resolve_endpoint
 
             resolve_endpoint(config.agent.provider, config.agent.base_url, config.agent.api_key_env)
+            from looptree.engine.llm.preflight import require_endpoints
+
+            # One cheap request per endpoint before the baseline: a wrong port, a base_url
+            # without /v1, a refused key or an unknown model is one line and a non-zero exit.
+            await require_endpoints(config)
         repo = await gitops.open_repo(project_dir)
         if run_dir is None:
             run_dir = allocate_run_dir(project_dir)
@@ -144,7 +175,10 @@ class Engine:
             engine = cls(project_dir=project_dir, run_dir=run_dir, config=config, repo=repo, log=log,
                          state=state, lock=lock, backend=backend, telemetry=telemetry)
             engine.emit("run_started", run=int(run_dir.name), project=str(project_dir), config=config.to_dict(),
-                        base_commit=base, pid=os.getpid(), host=socket.gethostname())
+                        base_commit=base, pid=os.getpid(), host=socket.gethostname(),
+                        prompt_components=template_hashes(engine.prompts.templates),
+                        sandbox=engine.containment.record, memory=engine.memory.record())
+            engine.say_containment()
             return engine
         except BaseException:
             if log is not None:
@@ -163,10 +197,15 @@ class Engine:
         lock = RunLock(run_dir)
         lock.acquire()
         try:
-            state = RunState.from_events(read_events(run_dir / "events.jsonl"))
+            state = RunState.load(run_dir)  # the one pass over the log a resume makes
             if state.run is None:
                 raise LooptreeError(f"{run_dir}/events.jsonl has no run_started event")
+            check_resumable(state, run_dir, "resume")
             config = validate_config(state.config, source=f"{run_dir}/config.toml")
+            if backend is None and config.agent.provider != "replay":
+                from looptree.engine.llm.preflight import require_endpoints
+
+                await require_endpoints(config)  # a resume against a dead endpoint: say so now
             # The run lives in <project>/.looptree/runs/<N>: trust that over the recorded path,
             # which is wrong once the project was moved or is mounted elsewhere.
             project_dir = run_dir.parents[2]
@@ -176,8 +215,10 @@ class Engine:
             log = EventLog(run_dir)
             engine = cls(project_dir=project_dir, run_dir=run_dir, config=config, repo=repo, log=log,
                          state=state, lock=lock, backend=backend, telemetry=telemetry)
-            engine.control.offset = _last_control_offset(state, run_dir)
-            engine.emit("engine_attached", pid=os.getpid(), orphans_killed=killed, worktrees_removed=removed)
+            engine.control.offset = state.control_offset  # commands already acted on are not replayed
+            engine.emit("engine_attached", pid=os.getpid(), orphans_killed=killed, worktrees_removed=removed,
+                        sandbox=engine.containment.record, memory=engine.memory.record())
+            engine.say_containment()
             engine.rewrite_metrics_csv()
             return engine
         except BaseException:
@@ -190,7 +231,7 @@ class Engine:
         control = asyncio.create_task(self._control_loop(), name="control")
         telemetry_stop = asyncio.Event()
         telemetry = asyncio.create_task(self._telemetry_loop(telemetry_stop), name="telemetry")
-        self._main_task = asyncio.create_task(self._search(), name="search")
+        self._main_task = asyncio.create_task(self._search_on_executor(), name="search")
         reason: str
         try:
             reason = await self._main_task
@@ -211,6 +252,15 @@ class Engine:
         self._finish(reason)
         return reason
 
+    async def _search_on_executor(self) -> str:
+        """Start the executor (a resume's first act there: orphans on every worker die), then search."""
+        await self.executor.start(self.job_prefix)
+        if self.remote:
+            workers = self.executor.workers()
+            self.emit("message", text=f"cluster: {len(workers)} Ray bench worker(s): " + ", ".join(
+                f"{w['host']}/{w['device']}" for w in workers))
+        return await self._search()
+
     async def _cleanup(self, control: asyncio.Task[Any], telemetry: asyncio.Task[Any],
                        telemetry_stop: asyncio.Event) -> None:
         """Stop the helpers (control, telemetry, forks, the LLM client) before the log closes."""
@@ -224,6 +274,10 @@ class Engine:
         for task in list(self.fork_tasks):
             task.cancel()
         await asyncio.gather(control, telemetry, *self.fork_tasks, return_exceptions=True)
+        try:  # nothing of the run may outlive it, on this machine or on any worker
+            await asyncio.wait_for(self.executor.close(), 120)
+        except (Exception, asyncio.TimeoutError):
+            pass
         try:
             self.telemetry.close()
         except Exception:
@@ -245,6 +299,10 @@ class Engine:
     async def _search(self) -> str:
         cfg = self.config.search
         try:
+            repaired = await self.guard.start()
+            if repaired:
+                self.emit("message", text=f"WARNING: this run's branches were changed while no stage ran: "
+                          f"{'; '.join(repaired)}", alert="repository_changed", changes=repaired)
             base = await self._ensure_baseline()
             if not base.ok:
                 raise LooptreeError(f"the baseline failed at {base.failure_stage}: {base.failure_reason}")
@@ -262,15 +320,22 @@ class Engine:
                 patience = cfg.early_stop_patience
                 if patience and search.phases_without_improvement(self.state) >= patience and phase + 1 < cfg.num_phases:
                     await self._drain_forks()
-                    return "early stop"
+                    return self._outcome("early stop")
             await self._drain_forks()
-            return "phases done"
+            return self._outcome("phases done")
         except _Stop:
             return self.stop_reason or "stopped by user"
         except BudgetExhausted:
             self.stop_reason = "budget spent"
             await self._drain_forks(cancel=True)
             return "budget spent"
+
+    def _outcome(self, reason: str) -> str:
+        """A run whose agent calls all failed did not do its job: end it as an error, with why."""
+        failure = self.caller.no_call_succeeded()
+        if failure and not self.state.consumed_replies:
+            return f"error: {failure}"
+        return reason
 
     async def _drain_forks(self, cancel: bool = False) -> None:
         while self.fork_tasks:
@@ -319,8 +384,11 @@ class Engine:
                 return []
         ideas = parse_ideas(response.text, cfg.num_samples)
         (self.run_dir / "ideas.md").write_text(response.text)
+        unread = {} if ideas else {"reason": ideas_failure(response, self.config.agent.max_tokens,
+                                                           self.run_dir / "ideas.md")}
         self.emit("ideas_generated", ideas=ideas, text=response.text, usage={"prompt_tokens": response.prompt_tokens,
-                                                          "completion_tokens": response.completion_tokens})
+                                                          "completion_tokens": response.completion_tokens},
+                  prompt_components=call_components(self.prompts.templates, "ideas"), **unread)
         return ideas
 
     async def _run_phase(self, phase: int, ideas: list[str]) -> None:
@@ -459,7 +527,9 @@ class Engine:
                   usage={"prompt_tokens": response.prompt_tokens, "completion_tokens": response.completion_tokens,
                          "total_tokens": response.prompt_tokens + response.completion_tokens},
                   model=response.model, prompt_hash=digest, finish_reason=response.finish_reason,
-                  duration_s=round(time.monotonic() - started, 3), cost_usd=response.cost_usd)
+                  prompt_components=call_components(self.prompts.templates, role, node.kind),
+                  duration_s=round(time.monotonic() - started, 3), cost_usd=response.cost_usd,
+                  **({"cut_off": self.caller.cut_off[node.id]} if node.id in self.caller.cut_off else {}))
 
     def _user_prompt(self, node: NodeState, project: Path) -> str:
         parent = self.state.nodes.get(node.parent or "")
@@ -498,8 +568,10 @@ class Engine:
             # Shielded: a thread cannot be cancelled, so let it finish before the worktree goes away.
             result = await asyncio.shield(asyncio.to_thread(apply_edits, project, parsed.edits, self.policy))
         except EditError as exc:
-            self.emit("edits_rejected", id=node.id, reason=str(exc))
-            self.emit("node_failed", id=node.id, stage="edit", reason=str(exc))
+            cut = self.caller.cut_off.get(node.id)  # "no edit blocks" alone hides the real cause
+            reason = f"{cut}: {exc}" if cut else str(exc)
+            self.emit("edits_rejected", id=node.id, reason=reason)
+            self.emit("node_failed", id=node.id, stage="edit", reason=reason)
             return False
         files = sorted(set(result.changed_files) | set(result.created_files))
         message = f"looptree {node.id}: {(node.description or node.kind)[:72]}\n\nnode: {node.id}\nparent: {node.parent}\nkind: {node.kind}\n"
@@ -522,18 +594,20 @@ class Engine:
     def _reference_for(self, node: NodeState) -> NodeState | None:
         """The nearest evaluated ancestor: what the candidate is timed against, back to back."""
         current = self.state.nodes.get(node.parent or "")
-        while current is not None and not (current.ok and current.commit):
+        while current is not None and not (current.credible and current.commit):  # never a suspect one
             current = self.state.nodes.get(current.parent or "")
         return current
 
     async def _evaluate(self, node: NodeState, wt: Path, ndir: Path) -> None:
         reference = self._reference_for(node) if self.config.bench.compare == "interleaved" else None
+        shape_ref = self._reference_for(node)  # its recorded shape: the yardstick for forged rows
         ref_wt = worktrees_root(self.run_dir) / f"{node.id}.ref"
         await self._gate()
         kind = "gpu" if self.gpu_devices else "cpu"
-        try:
-            async with self.bench_slots if kind == "cpu" else _nullcontext():
-                async with self.slots.acquire(kind, holder=node.id) as device:
+        try:  # on a cluster the executor's lease is the slot (one bench per worker, its own lock)
+            async with self.bench_slots if kind == "cpu" and not self.remote else _nullcontext():
+                async with self.slots.acquire(kind, holder=node.id) as device, \
+                        (self._device_lock(node.id, device) if not self.remote else _nullcontext()):
                     await self._gate()
                     for name in ("build.log", "check.log", "bench.log", "bench_metrics.csv", "parent_bench.log",
                                  "parent_build.log"):
@@ -544,13 +618,25 @@ class Engine:
                         node_id=node.id, project_dir=self.repo.project_in(wt), node_dir=ndir, run_dir=self.run_dir,
                         job_tag=f"{self.job_prefix}{node.id}", emit=self.emit, device=device,
                         device_env=env_for(device),
-                        reference_dir=self.repo.project_in(ref_wt) if reference is not None else None)
+                        reference_dir=self.repo.project_in(ref_wt) if reference is not None else None,
+                        expected_shape=shape_ref.shape if shape_ref is not None else None)
         finally:
+            await self.evaluator.discard_private(ndir)
             if reference is not None:
                 await self._remove_worktree(ref_wt)
         if outcome.verdict is not None and reference is not None:
             outcome.verdict["against"] = reference.id
         self._record_outcome(node, outcome, ndir, device)
+
+    def _device_lock(self, node_id: str, device: int | None) -> Any:
+        """The machine-wide lock on the bench's device (gpu/locks.py): two runs, or a run and an
+        eval, never time on one device at once; the second waits and says so."""
+        from looptree.gpu.locks import hold_async, key_with_telemetry
+
+        key = key_with_telemetry(device, self.telemetry, self.config.bench.concurrency)
+        owner = f"looptree run {self.run_dir} node {node_id}"
+        return hold_async(key, owner, on_wait=lambda who: self.emit(
+            "message", text=f"{node_id}: waiting for device lock {key}, held by {who}"))
 
     def _record_outcome(self, node: NodeState, outcome: EvalOutcome, ndir: Path, device: Any = None) -> None:
         if not outcome.ok or outcome.aggregate is None or outcome.specs is None:
@@ -565,7 +651,7 @@ class Engine:
         iteration = self.state.evaluated + 1
         self.emit("node_evaluated", id=node.id, iteration=iteration, metrics=outcome.aggregate.values,
                   spread=outcome.aggregate.spread, columns=columns, verdict=outcome.verdict, device=device,
-                  repeats=len(outcome.rows))
+                  repeats=len(outcome.rows), suspect=outcome.suspect, shape=outcome.shape)
         self._append_metrics_csv(node.id)
         (ndir / "analysis.md").write_text(analysis_text(self.state, node.id))
 
@@ -594,6 +680,12 @@ class Engine:
     async def _add_worktree(self, path: Path, commit: str) -> None:
         async with self._git_lock:
             await gitops.add_worktree(self.repo, path, commit)
+        # Hidden files stay out of a candidate's worktree unless a command needs them (project.hidden_needed).
+        await asyncio.to_thread(self.policy.drop_hidden, self.repo.project_in(path))
+
+    def _run_branches(self) -> dict[str, str]:
+        """Every node with a commit keeps `looptree/<ID>` pointing at it (checked by the guard)."""
+        return {f"refs/heads/{self.repo.branch(n.id)}": n.commit for n in self.state.nodes.values() if n.commit}
 
     async def _remove_worktree(self, path: Path) -> None:
         async with self._git_lock:
@@ -610,34 +702,67 @@ class Engine:
 
     # -- GPU telemetry -----------------------------------------------------------------------
     async def _telemetry_loop(self, stop: asyncio.Event) -> None:
-        """One gpu_sample event per device per interval, naming the node benchmarking on it."""
+        """One GPU sample per device per interval, naming the node benchmarking on it.
+
+        Samples go to telemetry.jsonl, not the event log (see `TelemetryLog`); the fold still
+        sees each one, so the in-process state and printers stay current.
+        """
         count = self.telemetry.device_count()
         self.emit("gpu_status", available=count > 0, devices=self.gpu_devices, backend=self.telemetry.name,
                   reason=None if count else (getattr(self.telemetry, "reason", None) or "no GPU"))
         if not count:
             return
+        samples = TelemetryLog(self.run_dir)
 
         def on_sample(sample: Any) -> None:
             fields = sample.event_fields()
             fields["node"] = self.slots.busy().get(sample.index)
-            self.emit("gpu_sample", device=sample.index, fields=fields)
+            self.state.apply(samples.append(sample.index, fields))
 
-        await sample_loop(self.telemetry, self.config.gpu.sample_interval, on_sample, stop)
+        try:
+            await sample_loop(self.telemetry, self.config.gpu.sample_interval, on_sample, stop)
+        finally:
+            samples.close()
 
     # -- control ---------------------------------------------------------------------------
     async def _control_loop(self) -> None:
         while True:
+            refused = []
             for command in self.control.poll():
+                if "_refused" in command:
+                    refused.append(command)
+                    continue
                 try:
                     self.handle_command(command)
                 except LooptreeError as exc:
                     self.emit("message", text=f"refused {command.get('cmd')}: {exc}")
                 except Exception as exc:  # a bad command must never take the control channel down
                     self.emit("message", text=f"refused {command.get('cmd')}: internal error {exc!r}")
+            if refused:
+                self._refuse_lines(refused)
             if not self.stop_reason:
                 for fork in list(self.state.pending_forks):
                     self._start_fork(fork)
             await asyncio.sleep(CONTROL_POLL_S)
+
+    def _refuse_lines(self, refused: list[dict[str, Any]]) -> None:
+        """Lines not written by `looptree ctl` or the dashboard: one loud event per poll, never obeyed."""
+        reasons = list(dict.fromkeys(str(r["_refused"]) for r in refused))
+        count = len(refused)
+        self.emit("message", text=f"WARNING: refused {count} control line{'s' if count > 1 else ''} not written by "
+                  f"`looptree ctl` or the dashboard ({'; '.join(reasons[:3])})", alert="control_refused",
+                  count=count, reasons=reasons[:10], control_offset=max(int(r["_offset"]) for r in refused))
+
+    def request_stop(self, reason: str = "stopped by user", offset: int | None = None) -> None:
+        """End the run cleanly (it can be resumed); `reason` says who asked: the user, or a signal."""
+        if self.stop_reason:
+            return  # already stopping: a second stop must not interrupt the clean-up
+        self.stop_reason = reason
+        self.emit("stop_requested", reason=reason,
+                  control_offset=self.control.offset if offset is None else offset)
+        self.unpaused.set()
+        if self._main_task is not None:
+            self._main_task.cancel()
 
     def handle_command(self, command: dict[str, Any]) -> None:
         cmd, node_id = command.get("cmd"), command.get("id")
@@ -651,13 +776,7 @@ class Engine:
             self.emit("run_unpaused", control_offset=offset)
             self.unpaused.set()
         elif cmd == "stop":
-            if self.stop_reason:
-                return  # already stopping: a second stop must not interrupt the clean-up
-            self.stop_reason = "stopped by user"
-            self.emit("stop_requested", reason="stopped by user", control_offset=offset)
-            self.unpaused.set()
-            if self._main_task is not None:
-                self._main_task.cancel()
+            self.request_stop("stopped by user", offset)
         elif cmd == "prune":
             self.emit("node_pruned", id=node_id, control_offset=offset)
             for sub in self.state.subtree(node_id):
@@ -677,10 +796,7 @@ class Engine:
                 raise LooptreeError(f"node {node_id} is pruned; unprune is not supported, fork another node")
             self.emit("fork_requested", id=node_id, hint=command.get("hint", ""), control_offset=offset)
         elif cmd == "budget":
-            sign, tokens = parse_budget(str(command.get("tokens", "")))
-            cap = self.budget.cap
-            new_cap = cap + tokens if sign == "+" else cap - tokens if sign == "-" else tokens
-            new_cap = max(0, new_cap)
+            new_cap = new_budget(self.budget.cap, str(command.get("tokens", "")))
             self.budget.set_cap(new_cap)
             self.emit("budget_changed", max_tokens=new_cap, control_offset=offset)
 
@@ -725,15 +841,6 @@ class Engine:
                     not self.state.nodes[c].terminal for c in self.state.subtree(node_id)
                     if self.state.nodes[c].kind == "fix")):
                 self._spawn_fork_chain(node_id)
-
-
-def _last_control_offset(state: RunState, run_dir: Path) -> int:
-    """Commands already turned into events must not be replayed on resume."""
-    offset = 0
-    for event in read_events(run_dir / "events.jsonl"):
-        if "control_offset" in event:
-            offset = max(offset, int(event["control_offset"]))
-    return offset
 
 
 def _read_tail(ndir: Path, stage: str | None, limit: int = 6000) -> str:

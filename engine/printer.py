@@ -11,13 +11,13 @@ import sys
 import time
 from typing import Any, TextIO
 
-from looptree.engine.report import ci_text
+from looptree.engine.report import ci_text, clip_words
 from looptree.engine.state import RunState
 
 
 def _short(text: str | None, limit: int = 90) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """One line of at most `limit` characters, cut between words (the whole text is in the event log)."""
+    return clip_words(text, limit)
 
 
 def _metrics(values: dict[str, Any], limit: int = 3) -> str:

@@ -9,8 +9,10 @@ be tested and replayed at any speed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
+from looptree.engine.schema import EVENT_TYPES
 from looptree.engine.metrics import MetricSpec, parse_header, priority_key
 
 TERMINAL = ("done", "failed")
@@ -45,6 +47,8 @@ class NodeState:
     failure_reason: str | None = None
     device: Any = None
     verdict: dict[str, Any] | None = None
+    suspect: str | None = None  # why its metrics look forged (engine.evidence); never credited
+    shape: dict[str, Any] | None = None  # its bench runs' shape, the yardstick for its children
     pruned: bool = False
     pinned: bool = False
     children: list[str] = field(default_factory=list)
@@ -57,6 +61,11 @@ class NodeState:
     @property
     def ok(self) -> bool:
         return self.status == "done"
+
+    @property
+    def credible(self) -> bool:
+        """Evaluated and not suspect: the only nodes whose metrics may be credited or ranked."""
+        return self.status == "done" and not self.suspect
 
     @property
     def terminal(self) -> bool:
@@ -90,6 +99,11 @@ class RunState:
     pending_forks: list[dict[str, Any]] = field(default_factory=list)
     last_seq: int = -1
     last_ts: float = 0.0
+    sandbox: dict[str, Any] | None = None  # the containment the commands really got (run_started, a resume's engine_attached)
+    memory: dict[str, Any] | None = None  # the memory ceiling and its mechanism
+    schema_version: int = 1  # of the log being folded (run_started records it since version 2)
+    unknown_types: dict[str, int] = field(default_factory=dict)  # events this fold has no definition of
+    control_offset: int = 0  # bytes of control.jsonl already turned into events (resume skips them)
     evaluated: int = 0
     gpu: dict[Any, dict[str, Any]] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
@@ -105,10 +119,26 @@ class RunState:
             state.apply(event)
         return state
 
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunState":
+        """Fold a run directory's event log in one streaming pass (tree, show, ctl, resume).
+
+        GPU samples are left out unparsed: older logs kept them among the events, and they are
+        most of such a log's lines while no reader of the run's state needs them.
+        """
+        from looptree.engine.events import EVENTS_NAME, iter_events
+
+        return cls.from_events(iter_events(run_dir / EVENTS_NAME, skip_types=frozenset({"gpu_sample"})))
+
     def apply(self, event: dict[str, Any]) -> None:
         handler = getattr(self, "_on_" + event.get("type", ""), None)
         self.last_seq = event.get("seq", self.last_seq)
         self.last_ts = event.get("ts", self.last_ts)
+        if "control_offset" in event:
+            self.control_offset = max(self.control_offset, int(event["control_offset"]))
+        if handler is None and event.get("type") not in EVENT_TYPES:  # reported, never silently dropped
+            kind = str(event.get("type"))
+            self.unknown_types[kind] = self.unknown_types.get(kind, 0) + 1
         if handler is not None:
             handler(event)
 
@@ -119,6 +149,9 @@ class RunState:
         self.base_commit = e.get("base_commit")
         self.started_ts = e.get("ts")
         self.max_tokens = self.config.get("budget", {}).get("max_tokens")
+        self.sandbox = e.get("sandbox")
+        self.memory = e.get("memory")
+        self.schema_version = int(e.get("schema_version") or 1)
 
     def _on_ideas_generated(self, e: dict[str, Any]) -> None:
         self.ideas = list(e.get("ideas", []))
@@ -230,6 +263,8 @@ class RunState:
         node.iteration = e.get("iteration")
         node.device = e.get("device", node.device)
         node.verdict = e.get("verdict")
+        node.suspect = e.get("suspect") or None
+        node.shape = e.get("shape")
         node.finished_ts = e.get("ts")
         node.failure_reason = None
         node.failure_stage = None
@@ -278,6 +313,10 @@ class RunState:
         self.stop_requested = e.get("reason", "stopped by user")
 
     def _on_engine_attached(self, e: dict[str, Any]) -> None:
+        if e.get("sandbox") is not None:  # a resume may run on a machine that contains differently
+            self.sandbox = e.get("sandbox")
+        if e.get("memory") is not None:
+            self.memory = e.get("memory")
         self.finished = None
         self.finished_ts = None
         self.stop_requested = None
@@ -313,7 +352,8 @@ class RunState:
         return out
 
     def successful(self) -> list[NodeState]:
-        return [self.nodes[i] for i in self.order if self.nodes[i].ok and self.nodes[i].metrics]
+        """Evaluated nodes with metrics, in creation order; suspect nodes are left out (never credited)."""
+        return [self.nodes[i] for i in self.order if self.nodes[i].credible and self.nodes[i].metrics]
 
     def credited(self, node: NodeState) -> NodeState:
         """The node whose metrics this node is credited with.
@@ -326,7 +366,7 @@ class RunState:
         seen = 0
         while node.verdict and node.verdict.get("label") != "better" and seen < 1000:
             ref = self.nodes.get(node.verdict.get("against") or node.parent or "")
-            if ref is None or not ref.ok:
+            if ref is None or not ref.credible:
                 break
             node, seen = ref, seen + 1
         return node

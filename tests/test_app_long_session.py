@@ -96,3 +96,37 @@ def test_no_builtin_is_handed_to_a_textual_scheduler() -> None:
             if not ok:
                 offenders.append(f"{path.relative_to(ROOT)}:{call.lineno}: {ast.unparse(callback)}")
     assert not offenders, "callbacks Textual cannot inspect: " + "; ".join(offenders)
+
+
+async def test_footer_recomposes_do_not_keep_old_keys_alive(tmp_path: Path) -> None:
+    """Textual's Footer kept every FooterKey it ever composed (a data_bind watcher on `compact`).
+
+    Browsing the tree flips which actions are enabled, and each flip recomposes the footer: the
+    soak benchmark saw ~2 MiB a minute from this alone. The keys of old compositions must go.
+    """
+    import gc
+
+    from textual.widgets._footer import FooterKey
+
+    from looptree.app.widgets.footer import LeanFooter
+
+    run_dir = make_run(tmp_path)
+    app = LooptreeApp(run_dir, mode="live", periods=SHORT)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        footer = app.query_one(LeanFooter)
+        for _ in range(12):
+            before = footer.recomposed
+            app.refresh_bindings()  # what a flip of an action's enabled state does
+            for _ in range(50):
+                await pilot.pause(0.01)
+                if footer.recomposed > before:
+                    break
+        assert footer.recomposed >= 12
+        gc.collect()
+        live = [key for key in gc.get_objects() if isinstance(key, FooterKey)]
+        shown = list(footer.query(FooterKey))
+        # the keys on screen, and at most the composition before them (still being torn down)
+        assert shown and len(live) <= 2 * len(shown), (len(live), len(shown))
+        watchers = getattr(footer, "__watchers", {}).get("compact", [])
+        assert 0 < len(watchers) <= len(shown)  # one per key on screen (the palette key has none)

@@ -106,3 +106,61 @@ async def test_narrow_terminal_marks_the_layout(tmp_path: Path, mode: str) -> No
         await pilot.resize_terminal(160, 50)
         await pilot.pause()
         assert app.screen.has_class("-wide")
+
+
+# -- one median per node -----------------------------------------------------------------------
+async def test_live_panel_and_tree_show_the_same_median(tmp_path: Path) -> None:
+    """The issue saw two medians for one node: the panel pooled every row, the tree did not.
+
+    Repeats [1, 1, 1, 10], [5], [6]: the median of the repeat medians (what the engine's
+    `aggregate` records and the tree shows) is 5; the pooled median of the rows is 3.
+    """
+    from looptree.app.model import fmt_num
+    from looptree.app.synthetic import COLUMNS
+    from looptree.engine.metrics import aggregate, parse_header
+
+    run_dir = make_run(tmp_path)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    repeats = [[1.0, 1.0, 1.0, 10.0], [5.0], [6.0]]
+    ts, seq = FROZEN, 900
+    events = [{"type": "node_created", "id": "5.3.3", "parent": "5.3", "phase": 1, "kind": "improve"}]
+    for repeat, values in enumerate(repeats):
+        events.append({"type": "stage_started", "id": "5.3.3", "stage": "bench", "repeat": repeat, "side": "candidate"})
+        for iteration, value in enumerate(values):
+            events.append({"type": "metric_row", "id": "5.3.3", "repeat": repeat, "iteration": iteration,
+                           "values": {COLUMNS[0]: value, COLUMNS[1]: 1.0}, "columns": COLUMNS, "side": "candidate"})
+    specs = parse_header(["iteration", *COLUMNS])
+    recorded = aggregate([[{COLUMNS[0]: v, COLUMNS[1]: 1.0} for v in values] for values in repeats], specs)
+    assert recorded.values[COLUMNS[0]] == 5.0
+    done = [{"type": "stage_finished", "id": "5.3.3", "stage": "bench", "repeat": 2, "ok": True},
+            {"type": "node_evaluated", "id": "5.3.3", "iteration": 9, "metrics": recorded.values,
+             "spread": recorded.spread, "columns": COLUMNS}]
+    numbered = [{"seq": seq + i, "ts": ts, **e} for i, e in enumerate(events + done)]
+    try:
+        async with live_app(run_dir).run_test(size=(160, 50)) as pilot:
+            await ready(pilot)
+            app = pilot.app
+
+            async def title_after(batch: list[dict], expect: str) -> str:
+                write_events(run_dir / "events.jsonl", batch)
+                for _ in range(60):
+                    await pilot.pause(0.05)
+                    title = str(app.query_one("#rows-title", Static).render())
+                    if title.startswith("5.3.3") and expect in title:
+                        return title
+                raise AssertionError(f"the live panel never showed 5.3.3 with {expect!r}: {title}")
+
+            live = await title_after(numbered[:len(events)], "6 rows · 3 repeats")
+            assert "benchmarking" in live and "runtime_ms median 5" in live and "median 3" not in live, live
+            final = await title_after(numbered[len(events):], "done")
+            assert f"runtime_ms median {fmt_num(5.0)}" in final, final
+            for _ in range(40):
+                await pilot.pause(0.05)
+                if "5.3.3" in app.tree.by_id and fmt_num(5.0) in str(app.tree.by_id["5.3.3"].label):
+                    break
+            tree_label = str(app.tree.by_id["5.3.3"].label)
+            assert f"runtime_ms median {fmt_num(5.0)}" in str(app.query_one("#rows-title", Static).render())
+            assert fmt_num(5.0) in tree_label, tree_label
+    finally:
+        lock.release()

@@ -263,3 +263,27 @@ def test_children_of_a_pruned_node_are_born_pruned_and_forks_leave_one_request_e
         state.apply(event)
     assert state.nodes["1.1.1"].pruned
     assert state.pending_forks == [{"id": "1", "hint": "b"}]
+
+
+def test_a_suspect_node_is_shown_but_never_credited_ranked_or_best(run_events) -> None:
+    base = run_events.baseline(100.0)
+    run_events.success("1.1", base, 60.0)
+    run_events.success("1.2", base, 0.001)
+    evaluated = next(e for e in reversed(run_events.events) if e["type"] == "node_evaluated")
+    evaluated["suspect"] = "bench run 1 wrote 43 metrics rows where the parent's evaluation wrote 3"
+    evaluated["shape"] = {"rows": 43}
+    run_events.success("1.1.1", "1.1", 60.0)
+    run_events.events[-1]["verdict"] = {"label": "no significant change", "against": "1.1"}
+    state = run_events.state()
+    forged = state.nodes["1.2"]
+    assert forged.status == "done" and forged.ok and not forged.credible
+    assert forged.suspect.startswith("bench run 1 wrote 43") and forged.shape == {"rows": 43}
+    assert forged.metrics  # the numbers stay on record, for the reader
+    assert forged not in state.successful() and forged not in state.ranked()
+    assert state.best().id == "1.1"
+    assert state.credited(state.nodes["1.1.1"]).id == "1.1"
+    assert state.nodes["1.1"].suspect is None and state.nodes["1.1"].credible
+    # The search never expands it, and nothing is timed against it.
+    from looptree.engine.search import choose_parents
+
+    assert "1.2" not in choose_parents(state, 6, 3)

@@ -9,7 +9,6 @@ second and only while its tab is visible).
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any
 
 from rich.text import Text
@@ -18,6 +17,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from looptree.app.model import RunView, fmt_num
+from looptree.engine.metrics import MetricSpec, aggregate
 
 SLOTS = 40  # newest rows kept on screen (more than any panel shows)
 
@@ -82,13 +82,34 @@ class LiveRows(Vertical):
         text.append(" benchmarking" if live else f" {node.status}", style="yellow" if live else "grey50")
         repeats = {r.get("repeat", 0) for r in node.rows}
         text.append(f" · {len(node.rows)} rows · {len(repeats)} repeat{'s' if len(repeats) != 1 else ''}")
-        if columns and node.rows:
-            values = [r[columns[0]] for r in node.rows if isinstance(r.get(columns[0]), (int, float))]
-            if values:
+        if columns:
+            value, _final = node_median(node, columns[0])
+            if value is not None:
                 spec = (view.state.specs or [None])[0]
                 name = spec.name if spec is not None else columns[0]
-                text.append(f" · {name} median {fmt_num(statistics.median(values))}", style="bold")
+                text.append(f" · {name} median {fmt_num(value)}", style="bold")
         return text
+
+
+def node_median(node: Any, column: str) -> tuple[float | None, bool]:
+    """The node's figure for `column`, the one the tree shows; `True` when it is the final one.
+
+    Evaluated: the figure of its `node_evaluated` event (the engine's `metrics.aggregate`, the
+    median of each repeat's median). While a benchmark runs: the same `aggregate` over the rows
+    seen so far, grouped by repeat, so the live figure converges on the one the tree will show
+    instead of being a different statistic (the median over all rows pooled).
+    """
+    if node.status != "evaluating" and column in node.metrics:
+        return node.metrics[column], True
+    by_repeat: dict[Any, list[dict[str, float]]] = {}
+    for row in node.rows:
+        value = row.get(column)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            by_repeat.setdefault(row.get("repeat", 0), []).append({column: float(value)})
+    if not by_repeat:
+        return (node.metrics[column], True) if column in node.metrics else (None, False)
+    result = aggregate(list(by_repeat.values()), [MetricSpec(column, column, False)])
+    return result.values[column], False
 
 
 class MetricPlot(PlotextPlot):
