@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
 
-    sub.add_parser("gpus", help="what NVML sees (prints a clear line when no GPU)")
+    p = sub.add_parser("gpus", help="what NVML sees (prints a clear line when no GPU); with DIR whose config "
+                                    "names a Ray cluster, the cluster's GPUs, node by node")
+    p.add_argument("dir", nargs="?", default=None, metavar="DIR")
+    p.add_argument("--config", metavar="F")
 
     p = sub.add_parser("doctor", help="what a run would get here: sandbox, memory limit, device locks, GPUs, "
                                       "endpoints reached, cluster")
@@ -386,6 +389,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_gpus(args: argparse.Namespace) -> int:
     from looptree.gpu.telemetry import choose_backend, format_gpus
 
+    if args.dir is not None:
+        from looptree.engine.config import load_config
+
+        config = load_config(Path(args.dir), Path(args.config) if args.config else None)
+        if config.cluster.backend == "ray":  # sampled on every worker node, with their host names
+            from looptree.engine.cluster.telemetry import cluster_gpus, format_cluster_gpus
+
+            print(format_cluster_gpus(cluster_gpus(config.cluster.address)))
+            return 0
     backend = choose_backend("auto")
     try:
         print(format_gpus(backend))

@@ -30,6 +30,7 @@ from looptree.engine.cluster.executor import make_executor
 from looptree.engine.evaluator import EvalOutcome, Evaluator
 from looptree.engine.guard import RepoGuard
 from looptree.engine.events import EventLog, RunLock, TelemetryLog
+from looptree.engine.schema import SCHEMA_VERSION
 from looptree.engine.llm.budget import TokenBudget
 from looptree.engine.llm.types import LLMBackend
 from looptree.engine.metrics import MetricSpec, parse_header
@@ -177,7 +178,8 @@ class Engine:
             engine.emit("run_started", run=int(run_dir.name), project=str(project_dir), config=config.to_dict(),
                         base_commit=base, pid=os.getpid(), host=socket.gethostname(),
                         prompt_components=template_hashes(engine.prompts.templates),
-                        sandbox=engine.containment.record, memory=engine.memory.record())
+                        sandbox=engine.containment.record, memory=engine.memory.record(),
+                        schema_version=SCHEMA_VERSION)
             engine.say_containment()
             return engine
         except BaseException:
@@ -217,7 +219,8 @@ class Engine:
                          state=state, lock=lock, backend=backend, telemetry=telemetry)
             engine.control.offset = state.control_offset  # commands already acted on are not replayed
             engine.emit("engine_attached", pid=os.getpid(), orphans_killed=killed, worktrees_removed=removed,
-                        sandbox=engine.containment.record, memory=engine.memory.record())
+                        sandbox=engine.containment.record, memory=engine.memory.record(),
+                        schema_version=SCHEMA_VERSION)
             engine.say_containment()
             engine.rewrite_metrics_csv()
             return engine

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from looptree.engine.errors import LooptreeError, RunLockedError
+from looptree.engine.schema import check as schema_check
 
 EVENTS_NAME = "events.jsonl"
 TELEMETRY_NAME = "telemetry.jsonl"
@@ -95,8 +96,12 @@ class EventLog:
     saves a pass over it; otherwise the complete lines are counted.
     """
 
-    def __init__(self, run_dir: Path, *, fsync: bool = False, seq: int | None = None) -> None:
+    def __init__(self, run_dir: Path, *, fsync: bool = False, seq: int | None = None,
+                 checked: bool = True) -> None:
         self.path = run_dir / EVENTS_NAME
+        # A run's log is checked against the event schema (an experiment's log has its own words).
+        self.checked = checked
+        self._schema_problems: set[str] = set()
         self.fsync = fsync
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_torn_tail(self.path)
@@ -110,7 +115,17 @@ class EventLog:
         return self._seq
 
     def append(self, type_: str, **fields: Any) -> dict[str, Any]:
-        """Write one event and return it. The write is complete when this returns."""
+        """Write one event and return it. The write is complete when this returns.
+
+        An event that does not match the schema raises in the test suite (strict mode); in a
+        user's run it is still written, and the first such problem per type is said once in a
+        `message`, so a bug in looptree never costs a run but is never silent either.
+        """
+        if self.checked:
+            problem = schema_check(type_, fields)
+            if problem is not None and type_ not in self._schema_problems:
+                self._schema_problems.add(type_)
+                self.append("message", text=f"internal: {problem} (please report this)")
         event = {"seq": self._seq, "ts": round(time.time(), 6), "type": type_, **fields}
         line = (json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
         view = memoryview(line)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     from looptree.engine.state import RunState
@@ -71,10 +71,13 @@ class RunStarted(Event):
     base_commit: str | None = None
     pid: int | None = None
     host: str | None = None
-    schema_version: int | None = None
-    prompt_components: dict[str, str] | None = None
-    sandbox: Json | None = None
-    memory: Json | None = None
+    schema_version: int | None = Field(None, description="this schema's version; absent = 1")
+    prompt_components: dict[str, str] | None = Field(None, description="{system, ideas, optimize, improve, fix: "
+                                                                         "hash}")
+    sandbox: Json | None = Field(None, description='{mechanism: "bubblewrap", version, network, uid, '
+                                                    'capabilities, tmp_size_mb, writable} or {mechanism: "off", '
+                                                    'reason}')
+    memory: Json | None = Field(None, description='{limit_mb, mechanism: "cgroup v2"/"RLIMIT_DATA"/"none", why?}')
 
 
 @event("engine_attached", "a resume took the run over (orphans killed, stale worktrees removed)")
@@ -82,6 +85,9 @@ class EngineAttached(Event):
     pid: int
     orphans_killed: int | None = None
     worktrees_removed: int | None = None
+    sandbox: Json | None = Field(None, description="as in run_started: this engine's containment")
+    memory: Json | None = None
+    schema_version: int | None = None
 
 
 @event("run_finished", "the run ended (`phases done`, `early stop`, `budget spent`, `stopped by user`, "
@@ -118,7 +124,8 @@ class BudgetChanged(Event):
 @event("message", "a line for people (warnings, refusals); `alert` names the kind of warning")
 class Message(Event):
     text: str
-    alert: str | None = None
+    alert: str | None = Field(None, description="repository_changed (with id, stage, changes) or control_refused "
+                                                "(with count, reasons, control_offset)")
     id: str | None = None
     stage: str | None = None
     changes: list[Any] | None = None
@@ -208,6 +215,7 @@ class AgentFinished(Event):
     duration_s: float | None = None
     cost_usd: float | None = None
     finish_reason: str | None = None
+    cut_off: str | None = Field(None, description='"reply cut off at max_tokens=N …" when finish_reason is length')
 
 
 @event("agent_failed", "an agent call failed for good (after its retries)")
@@ -222,11 +230,12 @@ class AgentFailed(Event):
 class AgentRetry(Event):
     id: str | None = None
     role: str
-    attempt: int
+    attempt: int = Field(description="the attempt that failed, 1 = first")
     reason: str
     delay_s: float | None = None
-    billed_maybe: bool | None = None
-    billed_tokens: int | None = None
+    billed_maybe: bool | None = Field(None, description="abandoned after the server may have billed it")
+    billed_tokens: int | None = Field(None, description="what the budget charged for it (a tokens_spent with "
+                                                        "billed_maybe follows)")
 
 
 @event("tokens_spent", "tokens (and dollars) one call cost; `spent` is the run's total after it")
@@ -262,9 +271,9 @@ class StageStarted(Event):
     id: str
     stage: str
     repeat: int | None = None
-    side: str | None = None
+    side: str | None = Field(None, description="parent/candidate in an interleaved comparison")
     device: Any = None
-    worker: Json | None = None
+    worker: Json | None = Field(None, description='{node: "local" or the Ray node id, host, device, uuid}')
 
 
 @event("stage_finished", "a stage ended: `ok`, exit status, seconds, a reason when it failed")
@@ -288,7 +297,8 @@ class MetricRow(Event):
     values: dict[str, Any]
     side: str | None = None
     columns: list[str] | None = None
-    arrived_s: float | None = None
+    arrived_s: float | None = Field(None, description="when the engine first read the row, seconds after the "
+                                                      "bench process started, by the engine's clock")
 
 
 @event("node_evaluated", "the node's metrics, their spread, the verdict against its reference, and "
@@ -300,10 +310,14 @@ class NodeEvaluated(Event):
     spread: dict[str, Any] | None = None
     columns: list[str] | None = None
     device: Any = None
-    verdict: Json | None = None
+    verdict: Json | None = Field(None, description="{label, metric, ratio, ci_low, ci_high, ci_level, p_value, "
+                                                   "alpha_look, min_effect, aa_noise, n_parent, n_candidate, "
+                                                   "parent_median, candidate_median, against, test}")
     repeats: int | None = None
-    suspect: str | None = None
-    shape: Json | None = None
+    suspect: str | None = Field(None, description="the evidence that the metrics were not the bench's own: "
+                                                  "never credited, never best")
+    shape: Json | None = Field(None, description="{rows, iterations, restarts, bench_s, timed_s}: the yardstick "
+                                                 "for its children's row structure")
 
 
 @event("node_failed", "the node failed at `stage` (agent, edit, build, check, bench, metrics, timeout, "
@@ -326,7 +340,8 @@ class GpuStatus(Event):
 @event("gpu_sample", "one telemetry sample of a device (in telemetry.jsonl since schema 2)")
 class GpuSample(Event):
     device: Any
-    fields: Json
+    fields: Json = Field(description="{util, mem_used, mem_total, power_w, temp_c, sm_clock, mem_clock, throttle, "
+                                     "processes, node}")
 
 
 # ------------------------------------------------------------------------------ checking
@@ -522,7 +537,8 @@ def markdown_table() -> str:
     for name, cls in EVENT_TYPES.items():
         fields = []
         for field_name, info in cls.model_fields.items():
-            fields.append(field_name + ("" if info.is_required() else "?"))
+            text = field_name + ("" if info.is_required() else "?")
+            fields.append(text + (f" ({info.description})" if info.description else ""))
         rows.append(f"| `{name}` | {', '.join(fields) or '—'} | {cls.DOC} |")
     return "\n".join(rows)
 

@@ -8,11 +8,16 @@ needs a run grows it through the same helper, one node at a time, the way the en
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Every event any test makes looptree write is checked against its class in engine/schema.py
+# (subprocesses inherit it): a field the schema does not define fails the test that wrote it.
+os.environ["LOOPTREE_STRICT_EVENTS"] = "1"
 
 RT = "runtime_ms (lower is better)"
 

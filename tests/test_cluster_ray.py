@@ -423,6 +423,17 @@ def test_gpus_of_the_cluster_are_sampled_on_its_nodes(ray_cluster: Any) -> None:
         assert f"(node {n['node'][:12]})" in text
 
 
+def test_looptree_gpus_dir_lists_the_clusters_nodes(ray_cluster: Any, tmp_path: Path) -> None:
+    """`looptree gpus DIR`: a project whose config names the cluster gets every node's GPUs."""
+    project = _project(tmp_path)
+    with open(project / "looptree.toml", "a") as fh:
+        fh.write(f'\n[cluster]\nbackend = "ray"\naddress = "{ray_cluster.address}"\n')
+    out = _looptree("gpus", str(project))
+    for node_id in _node_ids():
+        assert f"(node {node_id[:12]})" in out.stdout
+    assert out.stdout.count("no GPU: ") == len(_node_ids())
+
+
 @pytest.mark.slow
 def test_engine_killed_mid_bench_then_resume_on_the_cluster(ray_cluster: Any, tmp_path: Path) -> None:
     project = _project(tmp_path)

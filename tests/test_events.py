@@ -37,7 +37,7 @@ def raw_lines(run_dir: Path) -> list[bytes]:
 
 def test_append_then_read_roundtrip(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "1"
-    log = EventLog(run_dir)
+    log = EventLog(run_dir, checked=False)
     first = log.append("run_started", run=1, project="/p", config={"a": [1, 2]})
     second = log.append("node_created", id="1", parent=None, phase=-1, kind="baseline", idea="naïve → fast")
     log.close()
@@ -51,14 +51,14 @@ def test_append_then_read_roundtrip(tmp_path: Path) -> None:
 
 
 def test_unserialisable_fields_are_written_as_text(tmp_path: Path) -> None:
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     log.append("message", text=Path("/x/y"))
     log.close()
     assert read_events(tmp_path / EVENTS_NAME)[0]["text"] == "/x/y"
 
 
 def test_listeners_see_each_event_after_it_is_on_disk(tmp_path: Path) -> None:
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     seen: list[tuple[int, int]] = []
     log.add_listener(lambda e: seen.append((e["seq"], len(read_events(tmp_path / EVENTS_NAME)))))
     log.append("run_paused")
@@ -68,11 +68,11 @@ def test_listeners_see_each_event_after_it_is_on_disk(tmp_path: Path) -> None:
 
 
 def test_seq_numbering_continues_after_reopen(tmp_path: Path) -> None:
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     for _ in range(3):
         log.append("run_paused")
     log.close()
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     assert log.seq == 3
     assert log.append("engine_attached", pid=1)["seq"] == 3
     log.close()
@@ -94,7 +94,7 @@ def test_blank_lines_are_ignored(tmp_path: Path) -> None:
 
 def write_torn_log(run_dir: Path) -> None:
     """Two whole events, then half of a third without its newline: the engine died mid-write."""
-    log = EventLog(run_dir)
+    log = EventLog(run_dir, checked=False)
     log.append("run_started", run=1)
     log.append("node_created", id="1", parent=None, phase=-1, kind="baseline")
     log.close()
@@ -110,7 +110,7 @@ def test_reader_tolerates_a_torn_last_line(tmp_path: Path) -> None:
 
 def test_reopen_truncates_the_torn_line_so_the_next_append_is_valid(tmp_path: Path) -> None:
     write_torn_log(tmp_path)
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     assert log.seq == 2
     log.append("run_finished", reason="phases done")
     log.close()
@@ -123,7 +123,7 @@ def test_reopen_truncates_the_torn_line_so_the_next_append_is_valid(tmp_path: Pa
 def test_reopen_of_a_log_that_is_only_a_torn_line(tmp_path: Path) -> None:
     (tmp_path / EVENTS_NAME).write_bytes(b'{"seq":0,"ty')
     assert read_events(tmp_path / EVENTS_NAME) == []
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     assert log.seq == 0
     log.append("run_started", run=1)
     log.close()
@@ -131,12 +131,12 @@ def test_reopen_of_a_log_that_is_only_a_torn_line(tmp_path: Path) -> None:
 
 
 def test_torn_line_longer_than_the_scan_chunk_is_cut(tmp_path: Path) -> None:
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     log.append("run_started", run=1)
     log.close()
     with open(tmp_path / EVENTS_NAME, "ab") as fh:
         fh.write(b'{"seq":1,"type":"agent_finished","text":"' + b"y" * 200_000)
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     log.append("run_paused")
     log.close()
     assert [e["type"] for e in read_events(tmp_path / EVENTS_NAME)] == ["run_started", "run_paused"]
@@ -154,7 +154,7 @@ def test_reopen_cuts_a_garbled_newline_terminated_last_line(tmp_path: Path) -> N
     path = tmp_path / EVENTS_NAME
     path.write_bytes(b'{"seq":0,"type":"run_started"}\n{"seq":1,"ty\n')
     assert len(read_events(path)) == 1
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     log.append("run_paused")
     log.close()
     assert [e["type"] for e in read_events(path)] == ["run_started", "run_paused"]
@@ -231,7 +231,7 @@ def test_event_tail_returns_only_new_complete_events(tmp_path: Path) -> None:
     path = tmp_path / EVENTS_NAME
     tail = EventTail(path)
     assert tail.poll() == []  # no file yet
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     log.append("run_started", run=1)
     assert [e["type"] for e in tail.poll()] == ["run_started"]
     assert tail.poll() == []
@@ -269,7 +269,7 @@ def test_event_tail_survives_a_resume_cutting_the_torn_tail(tmp_path: Path) -> N
     write_torn_log(tmp_path)
     tail = EventTail(tmp_path / EVENTS_NAME)
     assert len(tail.poll()) == 2  # the viewer attached to the crashed run
-    log = EventLog(tmp_path)  # `looptree resume` takes over
+    log = EventLog(tmp_path, checked=False)  # `looptree resume` takes over
     log.append("engine_attached", pid=1, orphans_killed=0, worktrees_removed=0, note="z" * 100)
     log.close()
     assert [e["type"] for e in tail.poll()] == ["engine_attached"]
@@ -277,11 +277,11 @@ def test_event_tail_survives_a_resume_cutting_the_torn_tail(tmp_path: Path) -> N
 
 def test_reopen_keeps_a_valid_last_event_longer_than_the_scan_chunk(tmp_path: Path) -> None:
     """A 200 KB agent reply is one event; reopening must not cut it (nor glue the next append to it)."""
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     log.append("run_started")
     log.append("agent_finished", text="x" * 200_000)
     log.close()
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     log.append("run_paused")
     log.close()
     events = read_events(tmp_path / EVENTS_NAME)
@@ -292,7 +292,7 @@ def test_reopen_keeps_a_valid_last_event_longer_than_the_scan_chunk(tmp_path: Pa
 def test_reopen_cuts_a_torn_last_event_longer_than_the_scan_chunk(tmp_path: Path) -> None:
     path = tmp_path / EVENTS_NAME
     path.write_bytes(b'{"seq":0,"type":"run_started"}\n{"seq":1,"type":"agent_finished","text":"' + b"y" * 150_000)
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     log.append("run_paused")
     log.close()
     assert [e["type"] for e in read_events(path)] == ["run_started", "run_paused"]
@@ -301,7 +301,7 @@ def test_reopen_cuts_a_torn_last_event_longer_than_the_scan_chunk(tmp_path: Path
 # --------------------------------------------------------------------------- a log that scales
 def test_reader_streams_without_reading_the_whole_file(tmp_path: Path) -> None:
     """The reader holds one line at a time: it yields the first event before the file ends."""
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     for index in range(3):
         log.append("message", text=str(index))
     log.close()
@@ -330,20 +330,20 @@ def test_skip_types_leaves_samples_out_and_still_catches_damage(tmp_path: Path) 
 
 
 def test_writer_counts_lines_to_continue_the_sequence(tmp_path: Path) -> None:
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     for _ in range(5):
         log.append("message", text="x")
     log.close()
     with open(tmp_path / EVENTS_NAME, "a") as fh:
         fh.write('{"seq":5,"ts":1,"type":"mes')  # torn: cut on reopen, not counted
     assert count_lines(tmp_path / EVENTS_NAME) == 5
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     assert log.append("message", text="y")["seq"] == 5
     log.close()
 
 
 def test_telemetry_lives_beside_the_log_and_replay_merges_by_time(tmp_path: Path) -> None:
-    log = EventLog(tmp_path)
+    log = EventLog(tmp_path, checked=False)
     samples = TelemetryLog(tmp_path)
     log.append("run_started", run=1)
     first = samples.append(0, {"util": 10.0})
@@ -383,3 +383,19 @@ def test_fold_of_a_run_dir_tracks_the_control_offset_and_skips_samples(tmp_path:
     state = RunState.load(tmp_path)
     assert state.run == 3 and state.control_offset == 120 and state.paused is False
     assert state.gpu == {}  # samples are not part of the run's state
+
+
+def test_the_writer_checks_every_event_against_the_schema(tmp_path: Path, monkeypatch) -> None:
+    """Strict (the suite): a bad event raises. A user's run: written, and said once per type."""
+    from looptree.engine.schema import EventSchemaError
+
+    log = EventLog(tmp_path)
+    with pytest.raises(EventSchemaError, match="node_failed"):
+        log.append("node_failed", id="1.1", stage="build")  # no reason
+    monkeypatch.delenv("LOOPTREE_STRICT_EVENTS")
+    log.append("node_failed", id="1.1", stage="build")
+    log.append("node_failed", id="1.2", stage="build")
+    log.close()
+    events = read_events(tmp_path / EVENTS_NAME)
+    assert [e["type"] for e in events] == ["message", "node_failed", "node_failed"]
+    assert events[0]["text"].startswith("internal: event 'node_failed': reason")

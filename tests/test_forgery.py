@@ -193,8 +193,9 @@ async def test_forgers_that_keep_the_row_structure_are_suspect(
     clock = by_description(state, "Slow the clock")
     assert rewrite.suspect and ("truncated or replaced" in rewrite.suspect or "engine's clock" in rewrite.suspect)
     assert clock.suspect and "engine's clock" in clock.suspect, clock.suspect
-    # Both claim ~100,000x; without the evidence one of them would be best.
-    assert all(state.baseline.metrics[LEAD] / n.metrics[LEAD] > 1000 for n in (rewrite, clock))
+    # Both claim 100x or more (the clock: ~1000x, less when the box is loaded); without the
+    # evidence one of them would be best.
+    assert all(state.baseline.metrics[LEAD] / n.metrics[LEAD] > 100 for n in (rewrite, clock))
     assert state.best() is state.baseline
     assert all(e["best"] == state.baseline.id for e in events if e["type"] == "phase_finished")
 

@@ -125,7 +125,9 @@ def test_the_launchers_clock_catches_a_clock_patched_inside_the_bench(tmp_path: 
     assert rc == kb_bench.EXIT_CANDIDATE, stderr
     assert result["suspect"] is True and not credited(result)
     assert "launcher's clock" in result["reason"]
-    assert result["outside"]["runtime_ms"] > 0
+    # What the launcher saw is recorded (net of its own latency, which on a loaded box can exceed
+    # a tiny problem's time: then the figure is 0 and the excessive-speed-up rule is what fires).
+    assert result["outside"]["runtime_ms"] >= 0 and "speedup_vs_eager" in result["outside"]
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from rich.text import Text
+from textual.cache import LRUCache
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
@@ -193,6 +194,24 @@ def gpu_cells(device: Any, fields: dict[str, Any], node_id: str | None) -> dict[
     }
 
 
+class GpuTable(DataTable):  # type: ignore[type-arg]
+    """A DataTable whose render caches hold what a small, often-updated table needs, not 10,000 cells.
+
+    Why: every `update_cell` bumps the table's update count, which is part of each render cache
+    key, so each GPU sample leaves a screenful of dead entries behind; Textual's caches (10,000
+    cells, 1,000 rows and lines) evict them only when full, which at two updates a second takes
+    hours and tens of MiB (benchmarks/soak_bench.py). A few devices need a few hundred entries.
+    """
+
+    CACHE_SIZE = 256
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("_row_render_cache", "_cell_render_cache", "_row_renderable_cache", "_line_cache"):
+            if isinstance(getattr(self, name, None), LRUCache):
+                setattr(self, name, LRUCache(self.CACHE_SIZE))
+
+
 class GpuPanel(Vertical):
     """Per-device telemetry from gpu_sample events; a clear line when the run has no GPU."""
 
@@ -203,7 +222,7 @@ class GpuPanel(Vertical):
     def compose(self):  # type: ignore[override]
         yield Static("No GPU: this run has reported no GPU telemetry (gpu.devices = \"none\", no NVIDIA "
                      "driver, or a CPU-only benchmark). `looptree gpus` shows what NVML sees.", id="gpu-none")
-        table: DataTable[Any] = DataTable(id="gpu-table", cursor_type="none", show_cursor=False)
+        table = GpuTable(id="gpu-table", cursor_type="none", show_cursor=False)
         yield table
 
     def on_mount(self) -> None:

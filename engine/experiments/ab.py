@@ -399,7 +399,7 @@ def run_ab(control: str, test: str, suite: str | None, out: str | None, override
     lock = RunLock(out_dir)
     lock.acquire()
     try:
-        log = EventLog(out_dir)
+        log = EventLog(out_dir, checked=False)  # an experiment's own vocabulary (arm_started, pair_finished, …)
         exp = Experiment(control_path, test_path, the_suite, out_dir, run_overrides, settings, json_mode=json_mode, log=log)
         exp.fold(events)
         verdict = asyncio.run(_drive(exp, resume))
