@@ -18,9 +18,9 @@ from textual.binding import Binding, BindingType
 from looptree.app.model import RUNNING, RunView
 from looptree.app.replay import ReplayCursor, parse_seek
 from looptree.app.screens import ConfirmScreen, HelpScreen, PromptScreen
-from looptree.engine.control import append_control, make_command
+from looptree.engine.run.control import append_control, make_command
 from looptree.engine.errors import LooptreeError
-from looptree.engine.state import NodeState
+from looptree.engine.core.state import NodeState
 
 if TYPE_CHECKING:
     from textual.app import App

@@ -44,8 +44,8 @@ from looptree.app.widgets.detail import DetailPanel, diff_renderable, info_text,
 from looptree.app.widgets.panels import GpuPanel, LiveRows, MetricPlot
 from looptree.app.widgets.run_tree import RunTree
 from looptree.engine.errors import LooptreeError
-from looptree.engine.events import EVENTS_NAME, TELEMETRY_NAME, EventTail, RunLock, iter_run, last_samples
-from looptree.engine.state import NodeState
+from looptree.engine.core.events import EVENTS_NAME, TELEMETRY_NAME, EventTail, RunLock, iter_run, last_samples
+from looptree.engine.core.state import NodeState
 
 Mode = Literal["live", "replay"]
 CSS_FILE = Path(styles.__file__).parent / "dashboard.tcss"

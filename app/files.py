@@ -13,7 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from looptree.engine.errors import LooptreeError
-from looptree.engine.state import NodeState, RunState
+from looptree.engine.core.state import NodeState, RunState
 
 DIFF_TIMEOUT_S = 15.0
 MAX_DIFF_CHARS = 200_000
@@ -57,7 +57,7 @@ class DiffCache:
 
 
 async def load_diff(project: Path, old: str, new: str, fallback: Path | None = None) -> str:
-    from looptree.engine.gitops import git  # local: the dashboard imports git helpers only when it needs a diff
+    from looptree.engine.vcs.gitops import git  # local: the dashboard imports git helpers only when it needs a diff
 
     reason = ""
     if project.is_dir():

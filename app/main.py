@@ -8,13 +8,17 @@ truecolor-capable terminal is often detected as 256 colours (or the reverse on a
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Literal
 
+from looptree.engine.core.events import EVENTS_NAME
 from looptree.engine.errors import LooptreeError
-from looptree.engine.events import EVENTS_NAME
+
+#: how far `pick_view` reads for the first event (one line: settings and task names)
+FIRST_EVENT_BYTES = 1 << 20
 
 COLOR_SYSTEMS = {"auto": None, "truecolor": "truecolor", "256": "256", "16": "standard", "none": None}
 
@@ -39,6 +43,22 @@ def apply_color_option(color: str | None) -> None:
         constants.COLOR_SYSTEM = system or "auto"  # type: ignore[attr-defined]
 
 
+def pick_view(run_dir: Path) -> Literal["experiment", "run"]:
+    """Which viewer a directory gets: the experiment view when its log starts with `experiment_started`.
+
+    Why the first line only: a run's log starts with `run_started`, a `looptree ab` out
+    directory's with `experiment_started`; one bounded read keeps `attach` instant on a huge log.
+    Textual is not imported here (the colour options must be set first).
+    """
+    try:
+        with open(Path(run_dir) / EVENTS_NAME, "rb") as fh:
+            head = fh.read(FIRST_EVENT_BYTES)
+        first = json.loads(head.split(b"\n", 1)[0])
+    except (OSError, ValueError):
+        return "run"
+    return "experiment" if isinstance(first, dict) and first.get("type") == "experiment_started" else "run"
+
+
 def run_dashboard(run_dir: Path, *, mode: Literal["live", "replay"] = "live", speed: float = 1.0,
                   color: str | None = None) -> int:
     """Show the dashboard on `run_dir` until the user detaches or quits; return an exit code.
@@ -52,6 +72,10 @@ def run_dashboard(run_dir: Path, *, mode: Literal["live", "replay"] = "live", sp
     if mode == "replay" and not (run_dir / EVENTS_NAME).is_file():
         raise LooptreeError(f"{run_dir} has no {EVENTS_NAME} to replay")
     apply_color_option(color)
+    if pick_view(run_dir) == "experiment":
+        from looptree.app.experiment import run_experiment_view  # after the colour variables are set
+
+        return run_experiment_view(run_dir)
     from looptree.app.dashboard import LooptreeApp  # after the colour variables are set
 
     app = LooptreeApp(run_dir, mode=mode, speed=speed, freeze_gc=True)

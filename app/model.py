@@ -17,8 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from looptree.engine.metrics import MetricSpec
-from looptree.engine.state import NodeState, RunState
+from looptree.engine.core.metrics import MetricSpec
+from looptree.engine.core.state import NodeState, RunState
 
 #: Statuses in which something is happening to a node (an agent writes it, or it is evaluated).
 RUNNING = frozenset({"generating", "generated", "evaluating"})

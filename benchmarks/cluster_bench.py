@@ -31,9 +31,9 @@ from typing import Any
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: 127.0.0.1 stays loopback
 
-from looptree.engine.cluster.executor import LocalExecutor
-from looptree.engine.config import validate_config
-from looptree.engine.evaluator import Evaluator
+from looptree.engine.evaluation.executor import LocalExecutor
+from looptree.engine.core.config import validate_config
+from looptree.engine.evaluation.evaluator import Evaluator
 
 ROWS, ROW_S = 5, 0.2
 BENCH = f"""#!/bin/sh
@@ -106,7 +106,7 @@ async def main() -> None:
     args = parser.parse_args()
     import ray
     from looptree.engine.cluster.ray_executor import RayExecutor
-    from looptree.engine.config import ClusterSection
+    from looptree.engine.core.config import ClusterSection
     from ray.cluster_utils import Cluster
 
     results: list[tuple[str, int, dict[str, float]]] = []

@@ -22,14 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from looptree.gpu.kernelbench import find_solution, list_problems
+from looptree.gpu.kernelbench.problems import find_solution, list_problems
 
 
 def run(problem: Path, solution: Path | None, limit_gb: float, extra: list[str]) -> dict:
     """One bench in a child process; returns its JSON result plus ``peak_mb`` and ``wall_s``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        cmd = [sys.executable, "-m", "looptree.gpu.kb_bench", "--problem", str(problem), "--json", str(out), *extra]
+        cmd = [sys.executable, "-m", "looptree.gpu.kernelbench.runner", "--problem", str(problem), "--json", str(out), *extra]
         cmd += ["--solution", str(solution)] if solution else ["--reference-only"]
         limit = int(limit_gb * 2**30)
 

@@ -32,13 +32,13 @@ from looptree.app.synthetic import gpu_fields, stream_events
 
 PROBE = {
     "fold": """
-from looptree.engine.state import RunState
+from looptree.engine.core.state import RunState
 state = RunState.load(run_dir)
 assert state.run is not None
 """,
     "resume-read": """
-from looptree.engine.state import RunState
-from looptree.engine.events import EventLog
+from looptree.engine.core.state import RunState
+from looptree.engine.core.events import EventLog
 state = RunState.load(run_dir)
 log = EventLog(run_dir)
 offset = state.control_offset
@@ -49,13 +49,13 @@ log.close()
 LEGACY_PROBE = {  # the same operations as the engine made them before the streaming reader
     # (read_events is still a list of every event; iter_events used to be one too)
     "fold": """
-from looptree.engine.events import read_events
-from looptree.engine.state import RunState
+from looptree.engine.core.events import read_events
+from looptree.engine.core.state import RunState
 state = RunState.from_events(read_events(run_dir / "events.jsonl"))
 """,
     "resume-read": """
-from looptree.engine.events import read_events, EventLog
-from looptree.engine.state import RunState
+from looptree.engine.core.events import read_events, EventLog
+from looptree.engine.core.state import RunState
 state = RunState.from_events(read_events(run_dir / "events.jsonl"))
 seq = len(read_events(run_dir / "events.jsonl"))  # the writer counted events by parsing them
 offset = max((int(e["control_offset"]) for e in read_events(run_dir / "events.jsonl")

@@ -62,11 +62,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
-from looptree.engine.config import Config, validate_config  # noqa: E402
-from looptree.engine.evaluator import Evaluator  # noqa: E402
-from looptree.engine.metrics import MetricSpec  # noqa: E402
-from looptree.engine.sequential import look_level  # noqa: E402
-from looptree.engine.stats import Verdict, adaptive_repeats, compare, noise_floor  # noqa: E402
+from looptree.engine.core.config import Config, validate_config  # noqa: E402
+from looptree.engine.evaluation.evaluator import Evaluator  # noqa: E402
+from looptree.engine.core.metrics import MetricSpec  # noqa: E402
+from looptree.engine.evaluation.sequential import look_level  # noqa: E402
+from looptree.engine.evaluation.stats import Verdict, adaptive_repeats, compare, noise_floor  # noqa: E402
 
 TARGET_FALSE_BETTER = 0.05
 TARGET_DETECTION = 0.80

@@ -62,13 +62,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
-from looptree.engine import evaluator as evaluator_mod  # noqa: E402
-from looptree.engine import gitops  # noqa: E402
-from looptree.engine.config import validate_config  # noqa: E402
-from looptree.engine.engine import Engine  # noqa: E402
-from looptree.engine.events import read_events  # noqa: E402
-from looptree.engine.llm.types import LLMRequest, LLMResponse  # noqa: E402
-from looptree.engine.procs import find_job_pids  # noqa: E402
+from looptree.engine.evaluation import evaluator as evaluator_mod  # noqa: E402
+from looptree.engine.vcs import gitops  # noqa: E402
+from looptree.engine.core.config import validate_config  # noqa: E402
+from looptree.engine.run.engine import Engine  # noqa: E402
+from looptree.engine.core.events import read_events  # noqa: E402
+from looptree.engine.agents.llm.types import LLMRequest, LLMResponse  # noqa: E402
+from looptree.engine.evaluation.procs import find_job_pids  # noqa: E402
 
 # Builtins only (dash and bash): read the first line of solver.py, write header + one row.
 BENCH_COMMAND = ("read -r line < solver.py; "

@@ -1,7 +1,7 @@
 """What does the sandbox cost per project command?
 
 Why this benchmark exists: every build, check and bench of every candidate now runs inside
-bubblewrap (engine/sandbox.py). Its price is paid once per command, on top of whatever the
+bubblewrap (engine/evaluation/sandbox.py). Its price is paid once per command, on top of whatever the
 command does, so a tiny command shows it best. This script times `procs.run_command` end to end
 (spawn, wait, process-tree clean-up, log footer) for the same commands with and without the
 sandbox, interleaved (U S U S …) so slow spells of a shared machine hit both sides alike, in a
@@ -28,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from looptree.engine.config import validate_config
-from looptree.engine.procs import run_command, run_limits
-from looptree.engine.sandbox import command_env, resolve_sandbox
+from looptree.engine.core.config import validate_config
+from looptree.engine.evaluation.procs import run_command, run_limits
+from looptree.engine.evaluation.sandbox import command_env, resolve_sandbox
 
 
 def _git(cwd: Path, *args: str) -> None:

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("kernelbench", help="optimize KernelBench-format problems, one run each")
-    from looptree.engine.kernelbench_cli import add_arguments  # light: the sweep itself is imported on use
+    from looptree.gpu.kernelbench.cli import add_arguments  # light: the sweep itself is imported on use
 
     add_arguments(p)
 
@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None, *, dashboard: Dashboard | None = None) -
 
 # -- init ------------------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
-    from looptree.engine.init import write_config
+    from looptree.engine.core.init import write_config
 
-    from looptree.engine import gitops
+    from looptree.engine.vcs import gitops
 
     path = write_config(Path(args.dir))
     asyncio.run(gitops.open_repo(path.parent))  # the tree's commits need a repository (contract)
@@ -167,7 +167,7 @@ def _wants_tui(args: argparse.Namespace) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from looptree.engine.config import load_config
+    from looptree.engine.core.config import load_config
 
     project = Path(args.dir).resolve()
     if not project.is_dir():
@@ -187,40 +187,41 @@ def _check_cheap_first(project: Path, config, source: str | None) -> None:
     under a second; the significance check imports scipy and the engine imports numpy, git and
     the LLM client, which takes seconds on a busy machine (tests/test_cli.py checks the modules).
     """
-    from looptree.engine.config import CONFIG_NAME, check_deep, check_patterns
+    from looptree.engine.core.config import CONFIG_NAME, check_deep
+    from looptree.engine.edits.access import check_patterns
 
     check_patterns(config, project)
     if config.agent.provider != "replay":
-        from looptree.engine.llm.providers import resolve_endpoint
+        from looptree.engine.agents.llm.providers import resolve_endpoint
 
         resolve_endpoint(config.agent.provider, config.agent.base_url, config.agent.api_key_env)
     check_deep(config, source or CONFIG_NAME)
 
 
 async def _create(project: Path, config, run_dir: Path | None):
-    from looptree.engine.engine import Engine
+    from looptree.engine.run.engine import Engine
 
     return await Engine.create(project, config, run_dir=run_dir)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from looptree.engine.runs import resolve_run_dir
+    from looptree.engine.core.runs import resolve_run_dir
 
     run_dir = resolve_run_dir(args.run_dir)
     if _wants_tui(args):
-        from looptree.engine.runs import check_resumable
-        from looptree.engine.state import RunState
+        from looptree.engine.core.runs import check_resumable
+        from looptree.engine.core.state import RunState
 
         check_resumable(RunState.load(run_dir), run_dir, "resume")  # before a process is spawned
         return _spawn_and_attach(["resume", str(run_dir), "--no-tui"], run_dir, args.color)
-    from looptree.engine.engine import Engine
+    from looptree.engine.run.engine import Engine
 
     return asyncio.run(_drive(lambda: Engine.reopen(run_dir), json_mode=args.json))
 
 
 async def _drive(make_engine, *, json_mode: bool) -> int:
     """Run an engine headless; SIGINT/SIGTERM ask for a clean stop, a second one forces it."""
-    from looptree.engine.headless import drive, exit_status_for
+    from looptree.engine.run.headless import drive, exit_status_for
 
     engine = await make_engine()
     driven = await drive(engine, json_mode=json_mode)
@@ -233,7 +234,7 @@ async def _drive(make_engine, *, json_mode: bool) -> int:
 
 def _run_with_dashboard(args: argparse.Namespace, project: Path, config) -> int:
     """Start the engine as its own process (it outlives the dashboard and the SSH session), then attach."""
-    from looptree.engine.engine import allocate_run_dir
+    from looptree.engine.run.engine import allocate_run_dir
 
     run_dir = allocate_run_dir(project)
     argv = ["run", str(project), "--no-tui", "--run-dir", str(run_dir), *args.overrides]
@@ -266,14 +267,14 @@ def _spawn_and_attach(argv: list[str], run_dir: Path, color: str | None) -> int:
 
 # -- viewers -----------------------------------------------------------------------------------
 def cmd_attach(args: argparse.Namespace) -> int:
-    from looptree.engine.runs import resolve_run_dir
+    from looptree.engine.core.runs import resolve_run_dir
 
     run_dir = resolve_run_dir(args.run_dir)
     return _run_dashboard(run_dir, mode="live", color=args.color)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from looptree.engine.runs import resolve_run_dir
+    from looptree.engine.core.runs import resolve_run_dir
 
     run_dir = resolve_run_dir(args.run_dir)
     if args.speed <= 0:
@@ -284,9 +285,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _replay_headless(run_dir: Path, speed: float) -> int:
-    from looptree.engine.events import EVENTS_NAME, iter_events
-    from looptree.engine.printer import Printer
-    from looptree.engine.state import RunState
+    from looptree.engine.core.events import EVENTS_NAME, iter_events
+    from looptree.engine.run.printer import Printer
+    from looptree.engine.core.state import RunState
 
     state = RunState()
     printer = Printer(state)
@@ -301,10 +302,10 @@ def _replay_headless(run_dir: Path, speed: float) -> int:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from looptree.engine.control import NEEDS_ID, append_control, make_command, new_budget
-    from looptree.engine.events import RunLock
-    from looptree.engine.runs import check_resumable, resolve_run_dir
-    from looptree.engine.state import RunState
+    from looptree.engine.run.control import NEEDS_ID, append_control, make_command, new_budget
+    from looptree.engine.core.events import RunLock
+    from looptree.engine.core.runs import check_resumable, resolve_run_dir
+    from looptree.engine.core.state import RunState
 
     run_dir = resolve_run_dir(args.run_dir)
     record = make_command(args.cmd, args.arg if args.cmd in NEEDS_ID else None, hint=args.hint,
@@ -324,9 +325,9 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
-    from looptree.engine.report import render_tree, tree_json
-    from looptree.engine.runs import resolve_run_dir
-    from looptree.engine.state import RunState
+    from looptree.engine.run.report import render_tree, tree_json
+    from looptree.engine.core.runs import resolve_run_dir
+    from looptree.engine.core.state import RunState
 
     run_dir = resolve_run_dir(args.run_dir)
     state = RunState.load(run_dir)
@@ -338,10 +339,10 @@ def cmd_tree(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from looptree.engine import gitops
-    from looptree.engine.report import render_show
-    from looptree.engine.runs import resolve_run_dir
-    from looptree.engine.state import RunState
+    from looptree.engine.vcs import gitops
+    from looptree.engine.run.report import render_show
+    from looptree.engine.core.runs import resolve_run_dir
+    from looptree.engine.core.state import RunState
 
     run_dir = resolve_run_dir(args.run_dir)
     state = RunState.load(run_dir)
@@ -366,7 +367,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from looptree.engine.evalonly import eval_refs
+    from looptree.engine.run.evalonly import eval_refs
 
     return asyncio.run(eval_refs(Path(args.dir).resolve(), args.refs, repeats=args.repeats,
                                  config_file=Path(args.config).resolve() if args.config else None, json_mode=args.json))
@@ -374,23 +375,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_kernelbench(args: argparse.Namespace) -> int:
     try:
-        from looptree.engine.kernelbench_cli import run_kernelbench
+        from looptree.gpu.kernelbench.cli import run_kernelbench
     except ImportError:
         raise LooptreeError("kernelbench support is not installed in this build") from None
     return run_kernelbench(args)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from looptree.engine.doctor import run_doctor
+    from looptree.engine.run.doctor import run_doctor
 
     return run_doctor(Path(args.dir).resolve(), args.overrides)
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
-    from looptree.gpu.telemetry import choose_backend, format_gpus
+    from looptree.gpu.devices.telemetry import choose_backend, format_gpus
 
     if args.dir is not None:
-        from looptree.engine.config import load_config
+        from looptree.engine.core.config import load_config
 
         config = load_config(Path(args.dir), Path(args.config) if args.config else None)
         if config.cluster.backend == "ray":  # sampled on every worker node, with their host names

@@ -48,3 +48,15 @@ class MetricsError(LooptreeError):
 
 class BudgetExhausted(LooptreeError):
     """The next LLM call cannot fit in what is left of the token or cost budget."""
+
+
+class NoGpu(LooptreeError):
+    """No usable GPU: the NVML library is missing, the driver is not loaded, or CUDA is absent.
+
+    Here, at the bottom, so the bench-side timing helpers can raise it without importing the
+    engine's device management.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"no GPU: {reason}")
+        self.reason = reason

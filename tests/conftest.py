@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-# Every event any test makes looptree write is checked against its class in engine/schema.py
+# Every event any test makes looptree write is checked against its class in engine/core/schema.py
 # (subprocesses inherit it): a field the schema does not define fails the test that wrote it.
 os.environ["LOOPTREE_STRICT_EVENTS"] = "1"
 
@@ -92,7 +92,7 @@ class RunEvents:
         self.emit("node_failed", id=node_id, stage=stage, reason=reason)
 
     def state(self):  # -> engine.state.RunState (imported late so a broken fold fails only its users)
-        from looptree.engine.state import RunState
+        from looptree.engine.core.state import RunState
 
         return RunState.from_events(self.events)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from looptree.engine.access import AccessPolicy
+from looptree.engine.edits.access import AccessPolicy
 from looptree.engine.errors import ConfigError, EditRejected
 
 
@@ -263,7 +263,7 @@ def test_unmatched_ignores_git_contents(project: Path) -> None:
 
 def test_walk_pruning_only_skips_unreachable_directories() -> None:
     """Tree walks skip directories no pattern can reach (.venv, build dirs) but nothing else."""
-    from looptree.engine.access import _PatternSet
+    from looptree.engine.edits.access import _PatternSet
 
     ps = _PatternSet(["solver.py", "kernels/**/*.py", "src/*/x.py", "lib"], dotglob=False)
     assert ps.may_match_under("kernels")

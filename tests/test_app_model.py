@@ -15,7 +15,7 @@ from looptree.app.replay import GAP_CAP_S, ReplayCursor, parse_seek
 from looptree.app.synthetic import COLUMNS, T0, demo_run, stream_events
 from looptree.app.widgets.detail import verdict_line
 from looptree.app.widgets.panels import gpu_cells, step_line
-from looptree.engine.state import RunState
+from looptree.engine.core.state import RunState
 
 
 def folded(events) -> RunView:

@@ -10,7 +10,7 @@ from textual.widgets import RichLog, Static
 
 from looptree.app.dashboard import LooptreeApp
 from looptree.app.synthetic import write_events
-from looptree.engine.events import RunLock
+from looptree.engine.core.events import RunLock
 from fixtures.dash_pilot import FROZEN, live_app, make_run, plain, ready, select
 
 
@@ -117,7 +117,7 @@ async def test_live_panel_and_tree_show_the_same_median(tmp_path: Path) -> None:
     """
     from looptree.app.model import fmt_num
     from looptree.app.synthetic import COLUMNS
-    from looptree.engine.metrics import aggregate, parse_header
+    from looptree.engine.core.metrics import aggregate, parse_header
 
     run_dir = make_run(tmp_path)
     lock = RunLock(run_dir)

@@ -32,6 +32,34 @@ def test_engine_and_gpu_do_not_import_the_ui(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "the engine knows nothing of the UI KEPT" in result.stdout
+    assert "the layers of looptree KEPT" in result.stdout
+    assert "Contracts: 3 kept, 0 broken." in result.stdout
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print('\\n'.join(sys.modules))"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return set(out.stdout.split())
+
+
+def test_importing_the_engine_pulls_in_no_ui_module() -> None:
+    """At run time too (import-linter reads the code; this runs it): no Textual, no looptree.app."""
+    loaded = _modules_after("import looptree.engine.cli, looptree.engine.run.engine, looptree.engine.run.headless, "
+                            "looptree.engine.run.printer, looptree.engine.run.doctor, "
+                            "looptree.gpu.kernelbench.cli, looptree.engine.experiments.cli")
+    ui = sorted(m for m in loaded if m.split(".")[0] in ("textual", "rich_pixels", "textual_plotext")
+                or m.startswith("looptree.app"))
+    assert not ui, ui
+
+
+def test_bench_helpers_import_nothing_of_the_engine_but_its_errors() -> None:
+    """What a user's bench imports: the helpers, numpy, and looptree's error classes; no engine, no torch."""
+    loaded = _modules_after("import looptree.gpu.bench.timing, looptree.gpu.bench.correctness, "
+                            "looptree.gpu.bench.report")
+    ours = sorted(m for m in loaded if m.startswith("looptree."))
+    assert ours == ["looptree.engine", "looptree.engine.errors", "looptree.gpu", "looptree.gpu.bench",
+                    "looptree.gpu.bench.correctness", "looptree.gpu.bench.report", "looptree.gpu.bench.timing"]
+    assert "torch" not in loaded and "pydantic" not in loaded
 
 
 def test_headless_entry_point_refuses_a_dashboard_with_one_line(tmp_path: Path) -> None:
@@ -63,3 +91,14 @@ def test_no_code_imports_the_old_top_level_names() -> None:
                 if OLD_ROOTS.search(NEW_FORM.sub("", line)) and not line.lstrip().startswith("#"):
                     offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_docs_name_only_files_that_exist() -> None:
+    """Every `engine/…`, `app/…`, `gpu/…` path the README and the architecture page name is real."""
+    mentioned = re.compile(r"`((?:engine|app|gpu|styles|benchmarks|tests)/[\w/.*-]+)`")
+    missing = []
+    for doc in ("README.md", "docs/ARCHITECTURE.md", "benchmarks/README.md"):
+        for path in mentioned.findall((ROOT / doc).read_text()):
+            if not list(ROOT.glob(path.rstrip("/"))):
+                missing.append(f"{doc}: {path}")
+    assert not missing, missing

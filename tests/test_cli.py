@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from looptree.engine.config import check_patterns, load_config
-from looptree.engine.control import CONTROL_NAME
+from looptree.engine.core.config import load_config
+from looptree.engine.edits.access import check_patterns
+from looptree.engine.run.control import CONTROL_NAME
 from looptree.engine.errors import ConfigError
-from looptree.engine.events import RunLock
+from looptree.engine.core.events import RunLock
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "eng_run2_events.jsonl"

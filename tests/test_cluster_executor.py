@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.cluster.executor import (
+from looptree.engine.evaluation.executor import (
     LocalExecutor,
     LocalLease,
-    make_executor,
     worker_identity,
 )
-from looptree.engine.config import validate_config
-from looptree.engine.evaluator import Evaluator
-from looptree.engine.procs import ProcResult, run_command
+from looptree.engine.cluster.factory import make_executor
+from looptree.engine.core.config import validate_config
+from looptree.engine.evaluation.evaluator import Evaluator
+from looptree.engine.evaluation.procs import ProcResult, run_command
 
 
 def git_cmd(cwd: Path, *args: str) -> str:

@@ -32,9 +32,9 @@ from looptree.engine.cluster.ray_executor import (
     local_versions,
     version_difference,
 )
-from looptree.engine.config import ClusterSection
+from looptree.engine.core.config import ClusterSection
 from looptree.engine.errors import LooptreeError
-from looptree.engine.procs import JOB_ENV, find_job_pids
+from looptree.engine.evaluation.procs import JOB_ENV, find_job_pids
 
 
 def git_cmd(cwd: Path, *args: str) -> str:
@@ -345,7 +345,7 @@ def _project(tmp_path: Path) -> Path:
 
 
 def _leftovers(run_dir: Path) -> list[int]:
-    from looptree.engine.engine import job_prefix
+    from looptree.engine.run.engine import job_prefix
 
     return find_job_pids(job_prefix(run_dir), prefix=True)
 

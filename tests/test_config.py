@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from looptree.engine.config import (
+from looptree.engine.core.config import (
     CONFIG_NAME,
     Config,
     apply_overrides,
-    check_patterns,
     load_config,
     parse_override,
     validate_config,
 )
+from looptree.engine.edits.access import check_patterns
 from looptree.engine.errors import ConfigError, LooptreeError
 
 FIXTURES = Path(__file__).parent / "fixtures"

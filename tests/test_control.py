@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from looptree.engine.control import (
+from looptree.engine.run.control import (
     COMMANDS,
     CONTROL_NAME,
     KEY_NAME,

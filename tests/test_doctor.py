@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from looptree.engine.doctor import Section, cluster_section, guarded, render
+
+from looptree.engine.run.doctor import Section, cluster_section, guarded, render
 
 try:
     from llm_server import llm_server
@@ -135,16 +136,19 @@ def test_a_missing_section_provider_says_not_available() -> None:
 
 
 class FakeClusterConfig:
-    """A fake config carrying only `cluster.backend` (the real schema has no cluster table yet)."""
+    """A fake config carrying only what `cluster_section` reads: `cluster.backend` and `.address`."""
 
     class cluster:
         backend = "ray"
+        address = "127.0.0.1:1"  # nothing listens there
 
 
 def test_a_ray_cluster_without_support_says_not_available() -> None:
     section = cluster_section(FakeClusterConfig())
     [(label, value, ok)] = section.rows
-    assert label == "Ray cluster" and value.startswith("not available: ") and ok is None
+    # Ray is an optional extra this environment lacks (or nothing listens): a FAIL row with why
+    assert label == "Ray cluster" and value.startswith("not available: ") and ok is False
+    assert "cluster.backend = ray" in value
 
 
 @pytest.mark.parametrize("argv", [["doctor", "--help"]])
@@ -152,3 +156,19 @@ def test_doctor_is_listed(argv: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "looptree.engine.cli", *argv], cwd=ROOT, capture_output=True, check=False,
                             text=True, timeout=60)
     assert result.returncode == 0 and "KEY=VALUE" in result.stdout
+
+
+def test_a_ray_cluster_that_listens_is_reachable() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        class Config:
+            """A fake config: only `cluster.backend` and `cluster.address` are read."""
+
+            class cluster:
+                backend = "ray"
+                address = f"127.0.0.1:{server.getsockname()[1]}"
+
+        [(label, value, ok)] = cluster_section(Config()).rows
+    assert label == "Ray cluster" and ok is True and value.startswith(f"reachable at {Config.cluster.address}")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from looptree.engine.access import AccessPolicy
-from looptree.engine.edits import (
+from looptree.engine.edits.access import AccessPolicy
+from looptree.engine.edits.blocks import (
     EditBlock,
     UnifiedDiff,
     WholeFile,

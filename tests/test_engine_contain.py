@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from looptree.engine.config import check_patterns, validate_config
-from looptree.engine.control import CONTROL_NAME
-from looptree.engine.engine import Engine
+from looptree.engine.core.config import validate_config
+from looptree.engine.edits.access import check_patterns
+from looptree.engine.run.control import CONTROL_NAME
+from looptree.engine.run.engine import Engine
 from looptree.engine.errors import ConfigError
-from looptree.engine.events import read_events
-from looptree.engine.state import RunState
+from looptree.engine.core.events import read_events
+from looptree.engine.core.state import RunState
 
 try:
     from llm_server import llm_server, reply
@@ -364,8 +365,8 @@ async def test_control_lines_from_the_code_under_test_are_refused_and_ctl_still_
 
 
 async def test_the_guard_accepts_the_users_changes_between_stages_and_undoes_them_during_one(tmp_path: Path) -> None:
-    from looptree.engine import gitops
-    from looptree.engine.guard import RepoGuard
+    from looptree.engine.vcs import gitops
+    from looptree.engine.vcs.guard import RepoGuard
 
     project = make_project(tmp_path)
     repo = await gitops.open_repo(project)

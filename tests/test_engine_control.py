@@ -19,12 +19,12 @@ from typing import Any, Callable
 
 import psutil
 
-from looptree.engine.config import validate_config
-from looptree.engine.control import append_control, make_command
-from looptree.engine.engine import Engine, job_prefix
-from looptree.engine.events import read_events
-from looptree.engine.procs import find_job_pids
-from looptree.engine.state import RunState
+from looptree.engine.core.config import validate_config
+from looptree.engine.run.control import append_control, make_command
+from looptree.engine.run.engine import Engine, job_prefix
+from looptree.engine.core.events import read_events
+from looptree.engine.evaluation.procs import find_job_pids
+from looptree.engine.core.state import RunState
 
 RT = "runtime_ms (lower is better)"
 BENCH = """\

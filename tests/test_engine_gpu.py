@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from looptree.engine.config import Config, validate_config
-from looptree.engine.control import append_control, make_command
-from looptree.engine.engine import Engine
+from looptree.engine.core.config import Config, validate_config
+from looptree.engine.run.control import append_control, make_command
+from looptree.engine.run.engine import Engine
 from looptree.engine.errors import LooptreeError
-from looptree.engine.events import read_events
-from looptree.gpu.telemetry import FakeBackend, NoneBackend
+from looptree.engine.core.events import read_events
+from looptree.gpu.devices.telemetry import FakeBackend, NoneBackend
 
 SOLVER = "VALUE = 100\nSLEEP = 0.25\n# knob\n"
 # Sleeps like a GPU kernel would, and says which devices CUDA would have seen.
@@ -238,7 +238,7 @@ async def test_a_refused_start_leaves_no_run_behind(tmp_path: Path) -> None:
 @pytest.mark.gpu
 async def test_real_gpus_through_nvml_when_present(tmp_path: Path) -> None:
     """The same run on whatever NVML sees (skipped on machines without an NVIDIA GPU)."""
-    from looptree.gpu.telemetry import choose_backend
+    from looptree.gpu.devices.telemetry import choose_backend
 
     backend = choose_backend("auto")
     if backend.device_count() == 0:

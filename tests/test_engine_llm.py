@@ -19,12 +19,12 @@ from typing import Any, Callable
 import psutil
 import pytest
 
-from looptree.engine.config import Config, validate_config
-from looptree.engine.control import append_control, make_command
-from looptree.engine.engine import Engine
+from looptree.engine.core.config import Config, validate_config
+from looptree.engine.run.control import append_control, make_command
+from looptree.engine.run.engine import Engine
 from looptree.engine.errors import ConfigError, LooptreeError
-from looptree.engine.events import read_events
-from looptree.engine.state import RunState
+from looptree.engine.core.events import read_events
+from looptree.engine.core.state import RunState
 
 try:
     from llm_server import hang, length, llm_server, reply, status  # noqa: F401 - llm_server is a fixture

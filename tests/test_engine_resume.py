@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from looptree.engine.config import validate_config
-from looptree.engine.engine import Engine
+from looptree.engine.core.config import validate_config
+from looptree.engine.run.engine import Engine
 from looptree.engine.errors import LooptreeError
-from looptree.engine.events import RunLock, read_events
-from looptree.engine.state import RunState
+from looptree.engine.core.events import RunLock, read_events
+from looptree.engine.core.state import RunState
 
 CHANGE = ("Double the constant.\n\nsolver.py\n<<<<<<< SEARCH\nVALUE = {old}\n=======\nVALUE = {new}\n"
           ">>>>>>> REPLACE\n")
@@ -191,7 +191,7 @@ def test_a_headless_run_stopped_by_a_signal_resumes(tmp_path: Path) -> None:
 
 async def test_a_run_from_before_signing_gets_a_key_on_resume_and_refuses_its_old_unsigned_lines(
         tmp_path: Path) -> None:
-    from looptree.engine.control import append_control, make_command
+    from looptree.engine.run.control import append_control, make_command
 
     project = make_project(tmp_path)
     engine = await Engine.create(project, config())

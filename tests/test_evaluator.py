@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from looptree.engine.config import validate_config
-from looptree.engine.evaluator import Evaluator
-from looptree.engine.sequential import nominal_levels
+from looptree.engine.core.config import validate_config
+from looptree.engine.evaluation.evaluator import Evaluator
+from looptree.engine.evaluation.sequential import nominal_levels
 
 GOOD_BENCH = (
     "import sys\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from looptree.engine.errors import LooptreeError, RunLockedError
-from looptree.engine.events import (
+from looptree.engine.core.events import (
     EVENTS_NAME,
     LOCK_NAME,
     EventLog,
@@ -183,7 +183,7 @@ def test_second_holder_in_the_same_process_is_refused(tmp_path: Path) -> None:
 
 HOLDER = textwrap.dedent("""
     import sys, pathlib
-    from looptree.engine.events import RunLock
+    from looptree.engine.core.events import RunLock
     lock = RunLock(pathlib.Path(sys.argv[1]))
     lock.acquire()
     print("held", flush=True)
@@ -371,7 +371,7 @@ def test_last_samples_reads_only_the_end_and_drops_the_cut_line(tmp_path: Path) 
 
 
 def test_fold_of_a_run_dir_tracks_the_control_offset_and_skips_samples(tmp_path: Path) -> None:
-    from looptree.engine.state import RunState
+    from looptree.engine.core.state import RunState
 
     path = tmp_path / EVENTS_NAME
     path.write_text(
@@ -387,7 +387,7 @@ def test_fold_of_a_run_dir_tracks_the_control_offset_and_skips_samples(tmp_path:
 
 def test_the_writer_checks_every_event_against_the_schema(tmp_path: Path, monkeypatch) -> None:
     """Strict (the suite): a bad event raises. A user's run: written, and said once per type."""
-    from looptree.engine.schema import EventSchemaError
+    from looptree.engine.core.schema import EventSchemaError
 
     log = EventLog(tmp_path)
     with pytest.raises(EventSchemaError, match="node_failed"):

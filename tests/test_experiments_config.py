@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from looptree.engine.cli import main
-from looptree.engine.config import load_config, resolve_config
+from looptree.engine.core.config import load_config, resolve_config
 from looptree.engine.errors import ConfigError
 
 BASE = f"""\

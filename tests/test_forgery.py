@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from looptree.engine.config import Config, validate_config
-from looptree.engine.engine import Engine
-from looptree.engine.events import read_events
-from looptree.engine.report import render_show, render_tree
-from looptree.engine.state import RunState
+from looptree.engine.core.config import Config, validate_config
+from looptree.engine.run.engine import Engine
+from looptree.engine.core.events import read_events
+from looptree.engine.run.report import render_show, render_tree
+from looptree.engine.core.state import RunState
 
 try:
     from llm_server import llm_server, reply  # noqa: F401 - llm_server is a fixture

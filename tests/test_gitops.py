@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from looptree.engine import gitops
+from looptree.engine.vcs import gitops
 from looptree.engine.errors import GitError
 
 

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from looptree.gpu.correctness import check_outputs, default_tolerance  # noqa: E402
+from looptree.gpu.bench.correctness import check_outputs, default_tolerance  # noqa: E402
 
 
 def make_inputs(seed: int) -> tuple[Any, Any]:

@@ -8,11 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from looptree.gpu import locks
+from looptree.gpu.devices import locks
 
 HOLDER = """
 import sys, time
-from looptree.gpu.locks import hold
+from looptree.gpu.devices.locks import hold
 with hold(sys.argv[1], "test holder " + sys.argv[2], on_wait=lambda who: print("waiting for", who, flush=True)):
     print("acquired", time.monotonic(), flush=True)
     time.sleep(float(sys.argv[3]))
@@ -98,10 +98,10 @@ async def test_a_run_waits_for_another_process_holding_the_cpu_and_says_so(tmp_p
     """A real engine run (bench.concurrency 1, CPU) while another process holds cpu-<host>."""
     import json
 
-    from looptree.engine.config import validate_config
-    from looptree.engine.engine import Engine
-    from looptree.engine.events import read_events
-    from looptree.gpu.telemetry import NoneBackend
+    from looptree.engine.core.config import validate_config
+    from looptree.engine.run.engine import Engine
+    from looptree.engine.core.events import read_events
+    from looptree.gpu.devices.telemetry import NoneBackend
 
     env = _env(tmp_path)
     monkeypatch.setenv("LOOPTREE_LOCK_DIR", env["LOOPTREE_LOCK_DIR"])

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from looptree.engine.errors import ConfigError
-from looptree.gpu.slots import DeviceSlots, NoGpuSlot, env_for, parse_devices
-from looptree.gpu.telemetry import FakeBackend, NoneBackend
+from looptree.gpu.devices.slots import DeviceSlots, NoGpuSlot, env_for, parse_devices
+from looptree.gpu.devices.telemetry import FakeBackend, NoneBackend
 
 
 async def test_concurrent_holders_never_share_a_gpu() -> None:

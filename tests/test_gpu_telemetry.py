@@ -11,7 +11,7 @@ import time
 import pytest
 
 from looptree.engine.errors import ConfigError
-from looptree.gpu.telemetry import (
+from looptree.gpu.devices.telemetry import (
     DeviceSample,
     FakeBackend,
     FieldNotSupported,
@@ -122,7 +122,7 @@ def test_telemetry_imports_without_torch() -> None:
     # torch is installed here, so check it is never loaded: users without it then import fine
     code = (
         "import sys\n"
-        "import looptree.gpu.telemetry, looptree.gpu.slots, looptree.gpu, looptree.engine.stats\n"
+        "import looptree.gpu.devices.telemetry, looptree.gpu.devices.slots, looptree.gpu, looptree.engine.evaluation.stats\n"
         "print('leaked' if 'torch' in sys.modules else 'ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

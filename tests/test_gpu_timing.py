@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from looptree.gpu.telemetry import NoGpu
-from looptree.gpu.timing import TimingResult, interleaved_ab, resolve_device, time_callable
+from looptree.gpu.devices.telemetry import NoGpu
+from looptree.gpu.bench.timing import TimingResult, interleaved_ab, resolve_device, time_callable
 
 
 def _cuda() -> bool:
@@ -111,7 +111,7 @@ def test_cuda_side_stream_work_is_not_timed_as_just_the_launch() -> None:
 def test_metrics_csv_written_row_by_row(tmp_path) -> None:
     import csv
 
-    from looptree.gpu.report import MetricsWriter, metric_column, write_metrics_csv
+    from looptree.gpu.bench.report import MetricsWriter, metric_column, write_metrics_csv
 
     runtime = metric_column("runtime_ms", lower_is_better=True)
     speedup = metric_column("speedup_vs_eager", lower_is_better=False)

@@ -65,9 +65,9 @@ def test_a_project_with_its_own_engine_app_gpu_styles_runs_to_the_end(wheel: Pat
     marks.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "IMPORT_MARKS": str(marks)}
     # The check imports the bench-side helpers from the project's own directory, where `gpu` is the user's.
-    helpers = "import looptree.gpu.report, looptree.gpu.timing, looptree.gpu.correctness, sys; " \
+    helpers = "import looptree.gpu.bench.report, looptree.gpu.bench.timing, looptree.gpu.bench.correctness, sys; " \
               "assert all(m.__file__.startswith(sys.argv[1]) for m in " \
-              "(looptree.gpu.report, looptree.gpu.timing, looptree.gpu.correctness))"
+              "(looptree.gpu.bench.report, looptree.gpu.bench.timing, looptree.gpu.bench.correctness))"
     check = f"python -c '{helpers}' {site}"
     run = subprocess.run(
         [sys.executable, "-m", "looptree.engine.cli", "run", str(project), "--no-tui", "bench.repeats=1",

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from looptree.gpu import kb_bench
+from looptree.gpu.kernelbench import runner as kb_bench
 
 REPO = Path(__file__).resolve().parents[1]
 LEVEL1 = REPO / "sample_projects" / "kernelbench" / "level1"
@@ -35,7 +35,7 @@ def run_bench(problem: Path, solution: Path, tmp_path: Path, *extra: str,
         if limit_mb is not None:
             resource.setrlimit(resource.RLIMIT_AS, (limit_mb * 2**20, limit_mb * 2**20))
 
-    proc = subprocess.run([sys.executable, "-m", "looptree.gpu.kb_bench", "--problem", str(problem),
+    proc = subprocess.run([sys.executable, "-m", "looptree.gpu.kernelbench.runner", "--problem", str(problem),
                            "--solution", str(solution), "--json", str(out), "--metrics", str(tmp_path / "m.csv"),
                            *QUICK, *extra], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
                           preexec_fn=limit)
@@ -192,7 +192,7 @@ class ModelNew(nn.Module):
 
 def _baseline_vm_mb() -> int:
     """Address space a bench process has before it makes any input (torch loaded)."""
-    code = ("import torch, looptree.gpu.kb_bench, numpy; torch.set_num_threads(1); "
+    code = ("import torch, looptree.gpu.kernelbench.runner, numpy; torch.set_num_threads(1); "
             "print(open('/proc/self/status').read().split('VmPeak:')[1].split()[0])")
     proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
     return int(proc.stdout.strip()) // 1024

@@ -1,6 +1,6 @@
 """KernelBench support: discovery, task projects, the bench's verdicts and timings, the summary.
 
-The bench (`looptree.gpu.kb_bench.main`) runs for real on the CPU against the sample problems in
+The bench (`looptree.gpu.kernelbench.runner.main`) runs for real on the CPU against the sample problems in
 `sample_projects/kernelbench/level1` and the correct, wrong and hacky solutions beside them;
 `--warmup-seconds 0` and few trials keep each call well under a second. The CLI is run as users
 run it (`python -m looptree.engine.cli kernelbench ...`), and one slow test drives a whole replayed agent
@@ -21,19 +21,20 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from looptree.engine.access import AccessPolicy  # noqa: E402
+from looptree.engine.edits.access import AccessPolicy  # noqa: E402
 from looptree.engine.cli import build_parser  # noqa: E402
-from looptree.engine.config import check_patterns, load_config  # noqa: E402
+from looptree.engine.core.config import load_config  # noqa: E402
+from looptree.engine.edits.access import check_patterns  # noqa: E402
 from looptree.engine.errors import ConfigError, LooptreeError  # noqa: E402
-from looptree.engine.kernelbench_cli import (  # noqa: E402
+from looptree.gpu.kernelbench.cli import (  # noqa: E402
     TaskResult,
     absolutize_overrides,
     check_agent,
     result_from_state,
     run_kernelbench,
 )
-from looptree.gpu import kb_bench  # noqa: E402
-from looptree.gpu.kernelbench import (  # noqa: E402
+from looptree.gpu.kernelbench import runner as kb_bench  # noqa: E402
+from looptree.gpu.kernelbench.problems import (  # noqa: E402
     METRIC_COLUMNS,
     KernelBenchError,
     fast_p,
@@ -266,7 +267,7 @@ def test_incorrect_or_hacky_solutions_fail_with_the_guard_reason(
 
 def test_patching_torch_at_import_is_caught(tmp_path: Path) -> None:
     """Run in a subprocess: the hack patches torch for the whole process."""
-    proc = subprocess.run([sys.executable, "-m", "looptree.gpu.kb_bench", "--problem", str(LEVEL1 / "1_Matmul_ReLU.py"),
+    proc = subprocess.run([sys.executable, "-m", "looptree.gpu.kernelbench.runner", "--problem", str(LEVEL1 / "1_Matmul_ReLU.py"),
                            "--solution", str(HACKS / "1_patch_torch.py"), *QUICK],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == kb_bench.EXIT_CANDIDATE

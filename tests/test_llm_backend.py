@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from looptree.engine.llm.budget import BudgetedBackend, TokenBudget
-from looptree.engine.llm.openai_backend import OpenAIBackend
-from looptree.engine.llm.providers import Endpoint
-from looptree.engine.llm.ratelimit import RateLimiter
-from looptree.engine.llm.types import (
+from looptree.engine.agents.llm.budget import BudgetedBackend, TokenBudget
+from looptree.engine.agents.llm.openai_backend import OpenAIBackend
+from looptree.engine.agents.llm.providers import Endpoint
+from looptree.engine.agents.llm.ratelimit import RateLimiter
+from looptree.engine.agents.llm.types import (
     LLMEmptyReply,
     LLMRequest,
     LLMRequestRejected,

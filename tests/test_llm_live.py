@@ -10,11 +10,11 @@ import os
 
 import pytest
 
-from looptree.engine.llm.budget import BudgetedBackend, TokenBudget
-from looptree.engine.llm.openai_backend import OpenAIBackend
-from looptree.engine.llm.providers import resolve_endpoint
-from looptree.engine.llm.recorder import CallRecorder
-from looptree.engine.llm.types import LLMRequest
+from looptree.engine.agents.llm.budget import BudgetedBackend, TokenBudget
+from looptree.engine.agents.llm.openai_backend import OpenAIBackend
+from looptree.engine.agents.llm.providers import resolve_endpoint
+from looptree.engine.agents.llm.recorder import CallRecorder
+from looptree.engine.agents.llm.types import LLMRequest
 
 pytestmark = pytest.mark.live_llm
 
@@ -56,9 +56,9 @@ async def test_one_short_real_call(tmp_path):
 @pytest.mark.skipif(not (BASE_URL and MODEL), reason="LOOPTREE_TEST_BASE_URL/MODEL not set")
 async def test_one_short_real_run(tmp_path):
     """A whole run (ideas, one agent, build, bench) against the real endpoint, a small budget."""
-    from looptree.engine.config import validate_config
-    from looptree.engine.engine import Engine
-    from looptree.engine.state import RunState
+    from looptree.engine.core.config import validate_config
+    from looptree.engine.run.engine import Engine
+    from looptree.engine.core.state import RunState
 
     project = tmp_path / "proj"
     project.mkdir()
@@ -83,6 +83,6 @@ async def test_one_short_real_run(tmp_path):
     reason = await engine.run()
     assert reason in ("phases done", "early stop", "budget spent")
     state = RunState.from_events(
-        __import__("looptree.engine.events", fromlist=["read_events"]).read_events(engine.run_dir / "events.jsonl"))
+        __import__("looptree.engine.core.events", fromlist=["read_events"]).read_events(engine.run_dir / "events.jsonl"))
     assert state.tokens_spent > 0 and state.tokens_spent <= 40000
     assert state.baseline is not None and state.baseline.ok

@@ -1,4 +1,4 @@
-"""The endpoint check before the baseline (engine/llm/preflight.py), against tests/llm_server.py
+"""The endpoint check before the baseline (engine/agents/llm/preflight.py), against tests/llm_server.py
 acting out the usual mistakes over real HTTP: nothing listening, a base_url without /v1, a key
 the server refuses, a model it does not serve."""
 
@@ -8,9 +8,9 @@ import socket
 import time
 
 import pytest
-from looptree.engine.config import validate_config
+from looptree.engine.core.config import validate_config
 from looptree.engine.errors import LooptreeError
-from looptree.engine.llm.preflight import check_endpoints, require_endpoints
+from looptree.engine.agents.llm.preflight import check_endpoints, require_endpoints
 
 try:
     from llm_server import LLMTestServer, llm_server, status

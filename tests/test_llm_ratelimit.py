@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from looptree.engine.llm.ratelimit import RateLimiter
+from looptree.engine.agents.llm.ratelimit import RateLimiter
 
 
 async def test_requests_per_window_are_capped():

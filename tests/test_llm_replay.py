@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from looptree.engine.errors import ConfigError
-from looptree.engine.llm.budget import BudgetedBackend, TokenBudget
-from looptree.engine.llm.openai_backend import OpenAIBackend
-from looptree.engine.llm.providers import resolve_endpoint
-from looptree.engine.llm.recorder import CallRecorder, request_hash
-from looptree.engine.llm.replay import ReplayBackend
-from looptree.engine.llm.types import CassetteExhausted, LLMEmptyReply, LLMRequest, LLMRequestRejected
+from looptree.engine.agents.llm.budget import BudgetedBackend, TokenBudget
+from looptree.engine.agents.llm.openai_backend import OpenAIBackend
+from looptree.engine.agents.llm.providers import resolve_endpoint
+from looptree.engine.agents.llm.recorder import CallRecorder, request_hash
+from looptree.engine.agents.llm.replay import ReplayBackend
+from looptree.engine.agents.llm.types import CassetteExhausted, LLMEmptyReply, LLMRequest, LLMRequestRejected
 
 try:
     from llm_server import llm_server, reply, status  # noqa: F401

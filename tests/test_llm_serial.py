@@ -8,12 +8,12 @@ import asyncio
 import time
 
 import pytest
-from looptree.engine.agents import AgentCaller
-from looptree.engine.config import validate_config
-from looptree.engine.llm.budget import BudgetedBackend, TokenBudget
-from looptree.engine.llm.openai_backend import OpenAIBackend
-from looptree.engine.llm.providers import Endpoint
-from looptree.engine.llm.types import (
+from looptree.engine.agents.calls import AgentCaller
+from looptree.engine.core.config import validate_config
+from looptree.engine.agents.llm.budget import BudgetedBackend, TokenBudget
+from looptree.engine.agents.llm.openai_backend import OpenAIBackend
+from looptree.engine.agents.llm.providers import Endpoint
+from looptree.engine.agents.llm.types import (
     LLMRequest,
     LLMRequestRejected,
     LLMRetriesExhausted,

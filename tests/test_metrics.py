@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from looptree.engine.errors import MetricsError
-from looptree.engine.metrics import (
+from looptree.engine.core.metrics import (
     Aggregate,
     CsvTail,
     MetricSpec,
@@ -400,7 +400,7 @@ def test_is_better_with_tolerance() -> None:
 
 
 def test_a_field_without_newline_longer_than_the_cap_is_an_error_while_tailing(tmp_path: Path) -> None:
-    from looptree.engine.metrics import MAX_LINE_BYTES
+    from looptree.engine.core.metrics import MAX_LINE_BYTES
 
     path = tmp_path / "m.csv"
     path.write_text("iteration,t (lower is better)\n1,5\n")
@@ -415,7 +415,7 @@ def test_a_field_without_newline_longer_than_the_cap_is_an_error_while_tailing(t
 
 
 def test_a_long_complete_line_and_broken_csv_are_errors_not_crashes(tmp_path: Path) -> None:
-    from looptree.engine.metrics import MAX_LINE_BYTES
+    from looptree.engine.core.metrics import MAX_LINE_BYTES
 
     long_line = _write(tmp_path / "a.csv", "iteration,t\n1," + "5" * (MAX_LINE_BYTES + 10) + "\n")
     with pytest.raises(MetricsError, match="metrics field larger than"):

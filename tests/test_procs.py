@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from looptree.engine.procs import (
+from looptree.engine.evaluation.procs import (
     JOB_ENV,
     Limits,
     ProcResult,
@@ -375,7 +375,7 @@ ENGINE = textwrap.dedent(
     """
     import asyncio, os, sys
     sys.path.insert(0, sys.argv[1])
-    from looptree.engine.procs import run_command
+    from looptree.engine.evaluation.procs import run_command
     from pathlib import Path
     asyncio.run(run_command("sleep 60; true", cwd=Path.cwd(), env=dict(os.environ), timeout=60,
                             log_path=Path("engine.log"), job_tag=sys.argv[2]))
@@ -408,7 +408,7 @@ def test_shell_dies_with_the_engine(tmp_path: Path, env: dict[str, str]) -> None
 
 
 def _sandbox(tmp_path: Path):
-    from looptree.engine.sandbox import Sandbox, find_bwrap
+    from looptree.engine.evaluation.sandbox import Sandbox, find_bwrap
 
     bwrap, why = find_bwrap()
     assert bwrap is not None, why

@@ -11,7 +11,7 @@ import string
 import textwrap
 import time
 
-from looptree.engine.llm.redact import (
+from looptree.engine.agents.llm.redact import (
     HIDDEN_MARK,
     HIDDEN_RUN,
     SECRET_MARK,

@@ -5,7 +5,7 @@ Why these tests: the README's first command optimizes this project with no API k
 bench.py speaks the metrics protocol, and (3) the cassette's SEARCH texts still match solver.py
 and lead to a correct, much faster solver. Each test runs the project's own scripts in a copy
 under tmp_path (never in the checkout) with the interpreter running pytest. The edit blocks are
-applied here by plain exact string replacement, independent of engine/edits.py, so a drift
+applied here by plain exact string replacement, independent of engine/edits/blocks.py, so a drift
 between the cassette and solver.py shows up as a failure of this file.
 """
 

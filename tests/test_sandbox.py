@@ -1,6 +1,6 @@
 """The sandbox around project commands, tried with real contained processes.
 
-Why these tests: the promises of engine/sandbox.py (what a candidate's build, check and bench can
+Why these tests: the promises of engine/evaluation/sandbox.py (what a candidate's build, check and bench can
 read, write, reach and leave behind) only hold if bubblewrap really enforces them on this kernel,
 as root too (CI runs as root). Every test here starts real commands through `procs.run_command`
 with the sandbox on, against a real git repository with a linked worktree laid out the way a
@@ -27,11 +27,11 @@ from typing import Any
 
 import psutil
 import pytest
-from looptree.engine.config import validate_config
+from looptree.engine.core.config import validate_config
 from looptree.engine.errors import ConfigError
-from looptree.engine.evaluator import Evaluator, _failure_reason
-from looptree.engine.procs import Limits, ProcResult, run_command, run_limits
-from looptree.engine.sandbox import (
+from looptree.engine.evaluation.evaluator import Evaluator, _failure_reason
+from looptree.engine.evaluation.procs import Limits, ProcResult, run_command, run_limits
+from looptree.engine.evaluation.sandbox import (
     SANDBOX_UID,
     SYSTEM_MASKS,
     Sandbox,
@@ -44,7 +44,7 @@ from looptree.engine.sandbox import (
     memory_plan,
     resolve_sandbox,
 )
-from looptree.gpu.telemetry import FakeBackend
+from looptree.gpu.devices.telemetry import FakeBackend
 
 BWRAP, _WHY = find_bwrap()
 if BWRAP is None:  # the dependency is declared in pyproject.toml: its absence is a broken install
@@ -310,7 +310,7 @@ def test_memory_plan_defaults_and_cgroup_detection(tmp_path: Path) -> None:
     assert cgroup_v2_parent(proc)[0] is None
     # The limits then name the group folder; a command's group is made there (memory.max set).
     limits = Limits(memory_mb=64, cgroup_parent=str(cg / "user.slice"))
-    from looptree.engine.procs import _drop_cgroup, _make_cgroup
+    from looptree.engine.evaluation.procs import _drop_cgroup, _make_cgroup
 
     group = _make_cgroup(limits, "lt-x:1.1:bench")
     assert group is not None and (group / "memory.max").read_text() == str(64 * 1024 * 1024)
@@ -412,7 +412,7 @@ def test_sample_project_builds_checks_and_benches_inside_the_sandbox(tmp_path: P
 def test_tree_and_dashboard_header_say_not_sandboxed() -> None:
     from looptree.app.labels import header_text
     from looptree.app.model import RunView
-    from looptree.engine.report import render_tree
+    from looptree.engine.run.report import render_tree
 
     def view_of(record: dict[str, Any] | None) -> RunView:
         view = RunView()
@@ -420,7 +420,7 @@ def test_tree_and_dashboard_header_say_not_sandboxed() -> None:
         if record is not None:
             event["sandbox"] = record
         view.apply(event)
-        # The state fold keeps `run_started.sandbox` (engine/state.py); set here as the fold would.
+        # The state fold keeps `run_started.sandbox` (engine/core/state.py); set here as the fold would.
         view.state.sandbox = record  # type: ignore[attr-defined]
         return view
 
@@ -433,8 +433,8 @@ def test_tree_and_dashboard_header_say_not_sandboxed() -> None:
 
 @pytest.mark.parametrize("mode", ["auto", "off"])
 async def test_run_started_records_the_containment_applied(tmp_path: Path, mode: str) -> None:
-    from looptree.engine.engine import Engine
-    from looptree.engine.events import read_events
+    from looptree.engine.run.engine import Engine
+    from looptree.engine.core.events import read_events
 
     project = tmp_path / "proj"
     project.mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from looptree.engine.schema import (
+from looptree.engine.core.schema import (
     EVENT_TYPES,
     SCHEMA_VERSION,
     EventSchemaError,
@@ -20,7 +20,7 @@ from looptree.engine.schema import (
     describe,
     markdown_table,
 )
-from looptree.engine.state import RunState
+from looptree.engine.core.state import RunState
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "eng_run2_events.jsonl"
@@ -65,7 +65,7 @@ def test_the_architecture_table_is_the_schema() -> None:
     match = re.search(r"<!-- events-table -->\n(.*?)\n<!-- /events-table -->", text, re.S)
     assert match, "docs/ARCHITECTURE.md lost its generated events table markers"
     assert match.group(1).strip() == markdown_table().strip(), (
-        "regenerate the table: python -m looptree.engine.schema")
+        "regenerate the table: python -m looptree.engine.core.schema")
 
 
 def test_the_fold_counts_types_it_does_not_know_and_describe_names_them() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from looptree.engine.search import best_key, choose_parents, may_fix, phase_nodes, phases_without_improvement
+from looptree.engine.run.search import best_key, choose_parents, may_fix, phase_nodes, phases_without_improvement
 
 RT = "runtime_ms (lower is better)"
 

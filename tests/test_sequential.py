@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from looptree.engine.sequential import level_at, look_schedule, nominal_levels, spent
+from looptree.engine.evaluation.sequential import level_at, look_schedule, nominal_levels, spent
 
 
 def test_schedule_doubles_up_to_the_cap() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from looptree.engine.state import RunState
+from looptree.engine.core.state import RunState
 
 RT = "runtime_ms (lower is better)"
 ACC = "accuracy (higher is better)"
@@ -284,6 +284,6 @@ def test_a_suspect_node_is_shown_but_never_credited_ranked_or_best(run_events) -
     assert state.credited(state.nodes["1.1.1"]).id == "1.1"
     assert state.nodes["1.1"].suspect is None and state.nodes["1.1"].credible
     # The search never expands it, and nothing is timed against it.
-    from looptree.engine.search import choose_parents
+    from looptree.engine.run.search import choose_parents
 
     assert "1.2" not in choose_parents(state, 6, 3)

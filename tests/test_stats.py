@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from looptree.engine.stats import Verdict, adaptive_repeats, compare, iqr_filter, noise_floor, smallest_p
+from looptree.engine.evaluation.stats import Verdict, adaptive_repeats, compare, iqr_filter, noise_floor, smallest_p
 
 
 def _runs(median: float, n: int, seed: int, spread: float = 0.02) -> list[float]:
@@ -74,7 +74,7 @@ def test_deterministic_with_seed() -> None:
 
 def test_deterministic_across_processes() -> None:
     code = (
-        "from looptree.engine.stats import compare\n"
+        "from looptree.engine.evaluation.stats import compare\n"
         "v = compare([10.1, 9.9, 10.3, 10.0, 10.2], [9.0, 9.3, 9.1, 8.8, 9.2], seed=7)\n"
         "print(repr((v.label, v.ratio, v.ci_low, v.ci_high, v.p_value)))"
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from looptree.app.labels import node_label
 from looptree.app.model import RunView
-from looptree.engine.report import node_json, render_show, render_tree
+from looptree.engine.run.report import node_json, render_show, render_tree
 
 REASON = "bench run 1 wrote 43 metrics rows where the parent's evaluation wrote 3"
 

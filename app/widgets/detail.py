@@ -20,7 +20,7 @@ from textual.widgets import Static
 from looptree.app.files import LOG_NAMES, tail_lines
 from looptree.app.labels import GLYPHS
 from looptree.app.model import RunView, fmt_num, fmt_tokens, improvement
-from looptree.engine.state import NodeState
+from looptree.engine.core.state import NodeState
 
 LOG_LINES = 10
 MAX_DIFF_LINES = 400

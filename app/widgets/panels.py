@@ -18,7 +18,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from looptree.app.model import RunView, fmt_num
-from looptree.engine.metrics import MetricSpec, aggregate
+from looptree.engine.core.metrics import MetricSpec, aggregate
 
 SLOTS = 40  # newest rows kept on screen (more than any panel shows)
 
@@ -164,7 +164,7 @@ def _line(cells: list[str], widths: list[int]) -> str:
     return " ".join(f"{cell:>{width}}" if i > 1 else f"{cell:<{width}}" for i, (cell, width) in enumerate(zip(cells, widths)))
 
 
-GPU_COLUMNS = (("gpu", "GPU", 4), ("util", "util%", 6), ("mem", "memory MiB", 15), ("power", "power W", 8),
+GPU_COLUMNS = (("gpu", "GPU", 16), ("util", "util%", 6), ("mem", "memory MiB", 15), ("power", "power W", 8),
                ("temp", "temp °C", 8), ("sm", "SM MHz", 7), ("memclk", "mem MHz", 8),
                ("throttle", "throttle", 14), ("node", "node", 12))
 
@@ -181,8 +181,10 @@ def _na(value: Any, fmt: str = "{:.0f}") -> str:
 def gpu_cells(device: Any, fields: dict[str, Any], node_id: str | None) -> dict[str, str]:
     throttle = fields.get("throttle")
     mem_used, mem_total = fields.get("mem_used"), fields.get("mem_total")
+    host = fields.get("host")  # a Ray run's GPUs: sampled on the workers, named "host:index"
+    name = str(device) if not host or str(device).startswith(f"{host}:") else f"{host}:{device}"
     return {
-        "gpu": str(device),
+        "gpu": name,
         "util": _na(fields.get("util")),
         "mem": f"{_na(mem_used)}/{_na(mem_total)}",
         "power": _na(fields.get("power_w")),

@@ -21,7 +21,7 @@ use looptree run (verl, OpenRLHF, SkyRL). What Ray does *not* do, this module do
   worker; the worker is replaced (when the cluster can place one) and the run goes on.
 - **Same software.** A worker whose looptree, Python, torch or CUDA version differs from the
   engine's is refused with one line that names the difference.
-- **Device locks per host and GPU.** A GPU worker's command holds ``gpu/locks.py``'s lock named
+- **Device locks per host and GPU.** A GPU worker's command holds ``gpu/devices/locks.py``'s lock named
   after its host and GPU UUID, so a local looptree and a worker never time on one GPU at once,
   and workers on different hosts never wait for each other (even with a shared lock folder).
 """
@@ -45,9 +45,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.cluster.executor import Worker, device_identity
+from looptree.engine.evaluation.executor import Worker, device_identity
 from looptree.engine.errors import LooptreeError
-from looptree.engine.procs import (
+from looptree.engine.evaluation.procs import (
     Limits,
     ProcResult,
     kill_job,
@@ -200,7 +200,7 @@ class BenchWorker:
         """The worker's own containment, built like the engine's (None when the engine has none)."""
         if spec is None:
             return None, None
-        from looptree.engine.sandbox import Sandbox, find_bwrap, gpu_device_nodes, probe
+        from looptree.engine.evaluation.sandbox import Sandbox, find_bwrap, gpu_device_nodes, probe
 
         bwrap, source = find_bwrap()
         why = source if bwrap is None else probe(bwrap)
@@ -288,9 +288,9 @@ class BenchWorker:
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""
         private = self.base / "leases" / spec["lease"] / "private" / spec["private"] if spec.get("private") else None
-        from looptree.gpu.locks import gpu_key, hold_async
+        from looptree.gpu.devices.locks import gpu_key, hold_async
 
-        # The machine-wide lock on this host's GPU (gpu/locks.py, keyed by host and UUID): a local
+        # The machine-wide lock on this host's GPU (gpu/devices/locks.py, keyed by host and UUID): a local
         # looptree on this host waits for the worker's bench and the other way round.
         key = gpu_key(self.identity["uuid"], self.gpu) if self.gpu is not None else None
         try:

@@ -1,4 +1,5 @@
-"""What GPUs a Ray cluster has, sampled on its nodes (``looptree gpus DIR`` for a Ray project).
+"""What GPUs a Ray cluster has, sampled on its nodes (``looptree gpus DIR`` for a Ray project, and
+the dashboard's GPU panel during a Ray run: ``sample_cluster`` and ``cluster_sample_loop``).
 
 Why on the nodes: NVML only sees the devices of the machine it runs on, so a zero-CPU Ray task
 pinned to each alive node samples there (``gpu.telemetry.choose_backend``) and sends the readings
@@ -7,18 +8,23 @@ back; nothing but Ray has to reach the workers.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from looptree.engine.cluster.ray_executor import CALL_TIMEOUT_S, _ray
 from looptree.engine.errors import LooptreeError
 
-__all__ = ["cluster_gpus", "format_cluster_gpus"]
+__all__ = ["cluster_gpus", "format_cluster_gpus", "sample_cluster", "cluster_sample_loop", "cluster_device_samples"]
+
+log = logging.getLogger(__name__)
 
 
 def _sample_node() -> dict[str, Any]:
     """Runs on one node: its host name, its NVML table (or the one-line reason there is none)."""
-    from looptree.gpu.telemetry import choose_backend, format_gpus
+    from looptree.gpu.devices.telemetry import choose_backend, format_gpus
 
     backend = choose_backend("auto")
     try:
@@ -27,7 +33,8 @@ def _sample_node() -> dict[str, Any]:
             try:
                 s = backend.sample(i)
                 samples.append({"index": i, "name": s.name, "uuid": s.uuid, "util_pct": s.util_pct,
-                                "mem_used_mb": s.mem_used_mb, "mem_total_mb": s.mem_total_mb})
+                                "mem_used_mb": s.mem_used_mb, "mem_total_mb": s.mem_total_mb,
+                                "fields": s.event_fields()})
             except Exception as exc:  # noqa: BLE001 - one device's failure is shown in its row
                 samples.append({"index": i, "error": str(exc)})
         return {"host": socket.gethostname(), "table": format_gpus(backend), "devices": samples}
@@ -70,3 +77,78 @@ def format_cluster_gpus(nodes: list[dict[str, Any]]) -> str:
     """One block per node: ``<host> (node <id>)`` and what NVML sees there."""
     blocks = [f"{n['host']} (node {n['node'][:12]})\n{n['table']}" for n in nodes]
     return "\n\n".join(blocks) if blocks else "the Ray cluster has no alive node"
+
+
+def sample_cluster() -> list[dict[str, Any]]:
+    """One sample of every GPU of the cluster this process is connected to (the Ray executor's
+    connection; none: no samples). Blocking: the engine calls it in a thread, with a timeout."""
+    ray = _ray()
+    if not ray.is_initialized():
+        return []
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(_sample_node)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            for n in nodes]
+    out = []
+    for node, ref in zip(nodes, refs):
+        try:
+            out.append({"node": node["NodeID"], **ray.get(ref, timeout=CALL_TIMEOUT_S)})
+        except Exception:  # noqa: BLE001 - a node that cannot answer now may next time
+            ray.cancel(ref, force=True)
+    return cluster_device_samples(out)
+
+
+def cluster_device_samples(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-node answers -> ``{"device": "host:index", "fields": {..., "host", "uuid"}}``, one per GPU
+    (the shape of a telemetry.jsonl sample; the host keeps devices of different nodes apart)."""
+    out = []
+    for node in nodes:
+        host = str(node.get("host") or "?")
+        for d in node.get("devices") or []:
+            if "fields" not in d:
+                continue  # a device NVML could not read there: `looptree gpus` names why
+            fields = {**d["fields"], "host": host, "uuid": d.get("uuid"), "name": d.get("name")}
+            out.append({"device": f"{host}:{d['index']}", "fields": fields})
+    return out
+
+
+async def cluster_sample_loop(sampler: Callable[[], list[dict[str, Any]]], interval_s: float,
+                              emit: Callable[[str, dict[str, Any]], None], stop: asyncio.Event,
+                              *, timeout_s: float | None = None) -> None:
+    """Call ``sampler`` (blocking: in a thread) every ``interval_s`` until ``stop``; emit each sample.
+
+    A sampling round that outlasts its timeout is awaited again next round rather than started
+    twice (a hung node must not pile up threads); a failing one is logged and skipped: telemetry
+    never takes the run down.
+    """
+    loop = asyncio.get_running_loop()
+    timeout = timeout_s if timeout_s is not None else max(interval_s * 2, 10.0)
+    pending: asyncio.Future[list[dict[str, Any]]] | None = None
+    while not stop.is_set():
+        started = loop.time()
+        if pending is None:
+            pending = asyncio.ensure_future(asyncio.to_thread(sampler))
+        found: list[dict[str, Any]] = []
+        try:
+            found = await asyncio.wait_for(asyncio.shield(pending), timeout)
+            pending = None
+        except TimeoutError:
+            log.warning("cluster GPU sampling took over %.1fs; waiting for it before sampling again", timeout)
+        except Exception as exc:  # noqa: BLE001 - a failed round is skipped, not fatal
+            log.warning("cluster GPU sampling failed: %s: %s", type(exc).__name__, exc)
+            pending = None
+        for sample in found or []:
+            try:
+                emit(str(sample["device"]), dict(sample["fields"]))
+            except Exception as exc:  # noqa: BLE001 - one bad sample is skipped
+                log.warning("cluster GPU sample skipped: %s: %s", type(exc).__name__, exc)
+        remaining = interval_s - (loop.time() - started)
+        if remaining > 0:
+            try:
+                await asyncio.wait_for(stop.wait(), remaining)
+            except TimeoutError:
+                pass
+    if pending is not None:
+        pending.cancel()

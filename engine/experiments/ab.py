@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.config import (
+from looptree.engine.core.config import (
     CONFIG_NAME,
     Config,
     ExperimentSection,
@@ -40,7 +40,7 @@ from looptree.engine.config import (
     resolve_config,
 )
 from looptree.engine.errors import ConfigError, LooptreeError
-from looptree.engine.events import EventLog, RunLock, read_events
+from looptree.engine.core.events import EventLog, RunLock, read_events
 from looptree.engine.experiments.catalog import RunRef, summarize_run
 from looptree.engine.experiments.sprt import PairOutcome, Sequential
 
@@ -99,7 +99,7 @@ def load_suite(spec: str, out_dir: Path) -> Suite:
         parts = spec.split(":")
         if len(parts) != 4 or not all(parts[1:]):
             raise LooptreeError(f"--suite {spec!r}: expected kernelbench:DATASET:LEVEL:TASKS (e.g. kernelbench:KernelBench:1:1-20)")
-        from looptree.gpu.kernelbench import (
+        from looptree.gpu.kernelbench.problems import (
             list_problems,
             make_task_project,
             normalize_level,
@@ -189,7 +189,7 @@ class Experiment:
         if key in self.arm_done:
             return self.arm_done[key]
         overlay = self.control if arm == "control" else self.test
-        from looptree.engine.engine import Engine, allocate_run_dir
+        from looptree.engine.run.engine import Engine, allocate_run_dir
 
         run_dir = Path(self.arm_started[key]) if key in self.arm_started else None
         engine = None

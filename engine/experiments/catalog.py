@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from looptree.engine.errors import LooptreeError
-from looptree.engine.events import read_events
-from looptree.engine.state import NodeState, RunState
+from looptree.engine.core.events import read_events
+from looptree.engine.core.state import NodeState, RunState
 
 EXPERIMENT_LOG = "events.jsonl"  # an experiment directory's own log starts with experiment_started
 SKIP_DIRS = {".git", "worktrees", "nodes", "llm", "node_modules", "__pycache__"}
@@ -178,7 +178,7 @@ def summarize_run(ref: RunRef, events: list[dict[str, Any]] | None = None) -> di
 
 def _kernelbench_result(state: RunState) -> tuple[bool, float | None]:
     """KernelBench runs: the summary's credited result (correct and faster than eager)."""
-    from looptree.engine.kernelbench_cli import TaskResult, result_from_state
+    from looptree.gpu.kernelbench.cli import TaskResult, result_from_state
 
     result = result_from_state(TaskResult(task="", number=0, project=""), state, state.finished or "")
     speedup = result.speedup_vs_eager
@@ -187,7 +187,7 @@ def _kernelbench_result(state: RunState) -> tuple[bool, float | None]:
 
 
 def _lock_held(run_dir: Path) -> bool:
-    from looptree.engine.events import RunLock
+    from looptree.engine.core.events import RunLock
 
     try:
         return RunLock.is_held(run_dir)

@@ -62,7 +62,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from looptree.engine.config import resolve_config
+    from looptree.engine.core.config import resolve_config
 
     project = Path(args.dir).resolve()
     resolved = resolve_config(project, Path(args.config).resolve() if args.config else None, args.overrides)

@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.nn as nn
 
-_timing = sys.modules.get("looptree.gpu.timing")
+_timing = sys.modules.get("looptree.gpu.bench.timing")
 if _timing is not None:
     _real_ns = _timing._perf_counter_ns
     _origin_ns = _real_ns()

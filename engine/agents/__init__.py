@@ -1,0 +1,1 @@
+"""Agents: LLM backends, budget and rate limits, prompts and their templates."""

@@ -1,0 +1,1 @@
+"""Build, check, bench: sandboxed processes, metrics, evidence, the statistics of a verdict."""

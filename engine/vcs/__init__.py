@@ -1,0 +1,1 @@
+"""Git: the project's repository, a worktree and a branch per node, the git-state guard."""

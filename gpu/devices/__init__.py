@@ -1,0 +1,1 @@
+"""Engine-side device management: NVML telemetry, device slots, machine-wide device locks."""

@@ -1,0 +1,1 @@
+"""KernelBench: problems to task projects, the bench runner, the sweep CLI."""
