@@ -18,9 +18,9 @@ from textual.binding import Binding, BindingType
 from looptree.app.model import RUNNING, RunView
 from looptree.app.replay import ReplayCursor, parse_seek
 from looptree.app.screens import ConfirmScreen, HelpScreen, PromptScreen
-from looptree.engine.run.control import append_control, make_command
-from looptree.engine.errors import LooptreeError
 from looptree.engine.core.state import NodeState
+from looptree.engine.errors import LooptreeError
+from looptree.engine.run.control import append_control, make_command
 
 if TYPE_CHECKING:
     from textual.app import App
@@ -78,8 +78,11 @@ class DashboardActions(_AppBase):
         _binding_sig: Any
         _footer_pending: bool
         _last_tick: float
-        tree: RunTree
-        selected_node: NodeState | None
+
+        @property
+        def run_tree(self) -> RunTree: ...
+        @property
+        def selected_node(self) -> NodeState | None: ...
 
         def _select(self, node_id: str) -> None: ...
         def _log_lines(self, lines: list[tuple[str, str]]) -> None: ...
@@ -220,7 +223,7 @@ class DashboardActions(_AppBase):
     # -- actions: navigation -------------------------------------------------------------
     def action_best(self) -> None:
         best = self.view.best_id
-        if best is not None and self.tree.select_id(best):
+        if best is not None and self.run_tree.select_id(best):
             self._select(best)
 
     def action_goto(self) -> None:
@@ -232,7 +235,7 @@ class DashboardActions(_AppBase):
 
         def done(text: str | None) -> None:
             node_id = (text or "").strip()
-            if node_id in self.view.state.nodes and self.tree.select_id(node_id):
+            if node_id in self.view.state.nodes and self.run_tree.select_id(node_id):
                 self._select(node_id)
 
         self.push_screen(PromptScreen("Go to node (e.g. 5.3.1)", placeholder="node ID", validate=validate,

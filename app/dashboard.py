@@ -23,29 +23,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from looptree import styles
 from rich.text import Text
 from textual import constants, on
 from textual.app import App, ComposeResult
 from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
 from textual.timer import Timer
-from textual.widgets import Footer, RichLog, Static, TabbedContent, TabPane, Tree
+from textual.widgets import RichLog, Static, TabbedContent, TabPane, Tree
 from textual.worker import Worker, WorkerState
 
+from looptree import styles
 from looptree.app.actions import BINDINGS, DashboardActions
 from looptree.app.commands import LooptreeCommands
 from looptree.app.files import DiffCache, parent_commit
 from looptree.app.labels import budget_text, header_text
 from looptree.app.model import RunView, now_or_frozen
 from looptree.app.replay import ReplayCursor, Seek
-from looptree.app.widgets.footer import LeanFooter
 from looptree.app.widgets.detail import DetailPanel, diff_renderable, info_text, logs_renderable
+from looptree.app.widgets.footer import LeanFooter
 from looptree.app.widgets.panels import GpuPanel, LiveRows, MetricPlot
 from looptree.app.widgets.run_tree import RunTree
-from looptree.engine.errors import LooptreeError
 from looptree.engine.core.events import EVENTS_NAME, TELEMETRY_NAME, EventTail, RunLock, iter_run, last_samples
 from looptree.engine.core.state import NodeState
+from looptree.engine.errors import LooptreeError
 
 Mode = Literal["live", "replay"]
 CSS_FILE = Path(styles.__file__).parent / "dashboard.tcss"
@@ -93,7 +93,7 @@ class LooptreeApp(DashboardActions, App[int]):
 
     CSS_PATH = CSS_FILE
     TITLE = "looptree"
-    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (120, "-wide")]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]  # typed by App
     COMMANDS = App.COMMANDS | {LooptreeCommands}
     BINDINGS: ClassVar[list[BindingType]] = BINDINGS
 
@@ -168,7 +168,7 @@ class LooptreeApp(DashboardActions, App[int]):
         yield LeanFooter(compact=True)
 
     @property
-    def tree(self) -> RunTree:
+    def run_tree(self) -> RunTree:
         return self.query_one("#tree", RunTree)
 
     @property
@@ -176,7 +176,7 @@ class LooptreeApp(DashboardActions, App[int]):
         return self.query_one("#detail", DetailPanel)
 
     def on_mount(self) -> None:
-        self.tree.focus()
+        self.run_tree.focus()
         self.sub_title = f"{self.mode}: {self.run_dir}"
         self.run_worker(self._load, thread=True, name="load", group="load", exit_on_error=False)
 
@@ -278,7 +278,7 @@ class LooptreeApp(DashboardActions, App[int]):
         if not self.view.running:
             return
         self._frame += 1
-        tree = self.tree
+        tree = self.run_tree
         tree.update_labels(self.view, tree.spinner_targets(self.view), self._frame)
 
     def _clock(self) -> None:
@@ -318,7 +318,7 @@ class LooptreeApp(DashboardActions, App[int]):
         frame = None if self.frozen_time is not None else self._frame
         view = self.view
         with self.batch_update():
-            tree = self.tree
+            tree = self.run_tree
             if changes.new_nodes:
                 tree.add_nodes(view, changes.new_nodes, frame)
                 if self._selected_id is None and tree.select_id(changes.new_nodes[0]):
@@ -498,7 +498,7 @@ class LooptreeApp(DashboardActions, App[int]):
             selected = self._selected_id
             frame = None if self.frozen_time is not None else self._frame
             with self.batch_update():
-                self.tree.rebuild(self.view, frame)
+                self.run_tree.rebuild(self.view, frame)
                 self.query_one("#events", RichLog).clear()
                 self.log_buffer.clear()
                 self.query_one("#gpu", GpuPanel).reset()
@@ -509,7 +509,7 @@ class LooptreeApp(DashboardActions, App[int]):
                 self._redraw(force=True)
                 target = selected if selected in self.view.state.nodes else (
                     self.view.state.order[0] if self.view.state.order else None)
-                if target is not None and self.tree.select_id(target):
+                if target is not None and self.run_tree.select_id(target):
                     self._select(target)
                 else:
                     self._selected_id = None

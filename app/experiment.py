@@ -136,8 +136,8 @@ def statistics_text(stats: dict[str, Any] | None) -> str:
     """Two lines: the success SPRT's log-likelihood ratios against its bounds, the mixture's evidence."""
     if not stats:
         return "success SPRT: no pair yet\nmixture SPRT: no pair yet"
-    s = stats.get("success") if isinstance(stats.get("success"), dict) else {}
-    m = stats.get("speedup") if isinstance(stats.get("speedup"), dict) else {}
+    s: dict[str, Any] = stats["success"] if isinstance(stats.get("success"), dict) else {}
+    m: dict[str, Any] = stats["speedup"] if isinstance(stats.get("speedup"), dict) else {}
     success = (f"success SPRT  LLR test {_fmt(s.get('llr_test'))}  LLR control {_fmt(s.get('llr_control'))}"
                f"  bounds [lower {_fmt(s.get('lower'))}, upper {_fmt(s.get('upper'))}]"
                f"  discordant wins test {s.get('wins_test', 0)} · control {s.get('wins_control', 0)}")

@@ -12,8 +12,8 @@ import asyncio
 from collections import OrderedDict
 from pathlib import Path
 
-from looptree.engine.errors import LooptreeError
 from looptree.engine.core.state import NodeState, RunState
+from looptree.engine.errors import LooptreeError
 
 DIFF_TIMEOUT_S = 15.0
 MAX_DIFF_CHARS = 200_000
@@ -66,7 +66,7 @@ async def load_diff(project: Path, old: str, new: str, fallback: Path | None = N
                 git("diff", "--no-color", "--no-ext-diff", old, new, cwd=project), DIFF_TIMEOUT_S + 1
             )
             return _cap(text) if text.strip() else "(no changes between the parent and this node)"
-        except (LooptreeError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, LooptreeError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
     else:
         reason = f"project directory {project} not found"

@@ -14,8 +14,8 @@ from typing import Any
 from rich.text import Text
 
 from looptree.app.model import RUNNING, RunView, fmt_duration, fmt_num, fmt_tokens, improvement, run_status
-from looptree.engine.run.report import containment_text
 from looptree.engine.core.state import NodeState
+from looptree.engine.run.report import containment_text
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 GLYPHS: dict[str, tuple[str, str]] = {

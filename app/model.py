@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from looptree.engine.core.metrics import MetricSpec
+from looptree.engine.core.schema import describe
 from looptree.engine.core.state import NodeState, RunState
 
 #: Statuses in which something is happening to a node (an agent writes it, or it is evaluated).
@@ -106,7 +108,7 @@ class RunView:
         if kind in ("node_evaluated", "node_failed") and node is not None:
             self._on_result(node, event)
         if kind not in QUIET_EVENTS:
-            line = format_event(event, state.started_ts)
+            line = format_event(event, state.started_ts, state)
             if line is not None:
                 self._log.append(line)
 
@@ -283,77 +285,16 @@ def run_status(state: RunState, *, engine_alive: bool | None) -> tuple[str, str]
     return "running", "running"
 
 
-def format_event(event: dict[str, Any], t0: float | None) -> tuple[str, str] | None:
-    """One human line (and a style name) for the event log, or None for events not worth one."""
-    kind = event.get("type", "")
+def format_event(event: dict[str, Any], t0: float | None, state: RunState | None = None) -> tuple[str, str] | None:
+    """One line (and a style name) for the event log: the same words as the headless printer
+    (`schema.describe`), stamped with the time since the run started; None for GPU samples."""
+    line = describe(event, state)
+    if line is None:
+        return None
     ts = event.get("ts")
     stamp = "+" + fmt_duration((ts - t0) if isinstance(ts, (int, float)) and t0 is not None else None)
-    node = event.get("id")
-    style = ""
-    if kind == "run_started":
-        text = f"run {event.get('run')} started on {event.get('project')}"
-    elif kind == "engine_attached":
-        text = f"engine (pid {event.get('pid')}) took the run over"
-    elif kind == "node_created":
-        extra = event.get("idea") or event.get("hint") or (f"fix of {event.get('fix_of')}" if event.get("fix_of") else "")
-        text = f"{node} created ({event.get('kind')}){': ' + _clip(str(extra), 60) if extra else ''}"
-    elif kind == "agent_started":
-        text = f"{node or 'run'}: {event.get('role')} agent started"
-    elif kind == "agent_finished":
-        text = f"{node}: agent replied ({fmt_tokens(event.get('usage', {}).get('total_tokens', 0))} tokens)"
-    elif kind == "agent_failed":
-        text, style = f"{node or 'run'}: agent failed: {_clip(str(event.get('reason')), 80)}", "error"
-    elif kind == "ideas_generated":
-        text = f"{len(event.get('ideas') or [])} ideas generated"
-    elif kind == "edits_applied":
-        text = f"{node}: edits applied to {', '.join(event.get('files') or []) or 'no files'}"
-    elif kind == "edits_rejected":
-        text, style = f"{node}: edits rejected: {_clip(str(event.get('reason')), 80)}", "error"
-    elif kind == "stage_started":
-        repeat = event.get("repeat")
-        text = f"{node}: {event.get('stage')}{f' #{repeat + 1}' if isinstance(repeat, int) else ''} started"
-    elif kind == "stage_finished":
-        ok = event.get("ok")
-        text = f"{node}: {event.get('stage')} {'ok' if ok else 'failed'} in {fmt_num(event.get('duration_s'), 3)} s"
-        style = "" if ok else "error"
-    elif kind == "node_evaluated":
-        metrics = event.get("metrics") or {}
-        first = next(iter(metrics.items()), None)
-        shown = f" {first[0]} = {fmt_num(first[1])}" if first else ""
-        text, style = f"{node} evaluated{shown}", "good"
-    elif kind == "node_failed":
-        text, style = f"{node} failed at {event.get('stage')}: {_clip(str(event.get('reason')), 80)}", "error"
-    elif kind in ("node_pruned", "node_pinned", "node_unpinned"):
-        text, style = f"{node} {kind.split('_', 1)[1]}", "control"
-    elif kind == "fork_requested":
-        text, style = f"fork of {node} requested: {_clip(str(event.get('hint') or ''), 60)}", "control"
-    elif kind == "budget_changed":
-        text, style = f"token budget now {fmt_tokens(event.get('max_tokens'))}", "control"
-    elif kind in ("run_paused", "run_unpaused"):
-        text, style = ("run paused" if kind == "run_paused" else "run resumed"), "control"
-    elif kind == "stop_requested":
-        text, style = f"stop requested ({event.get('reason')})", "control"
-    elif kind == "run_finished":
-        text, style = f"run finished: {event.get('reason')}", "control"
-    elif kind == "phase_started":
-        text = f"phase {event.get('phase')} started from {', '.join(event.get('parents') or []) or 'baseline'}"
-    elif kind == "phase_finished":
-        text = f"phase {event.get('phase')} finished; best {event.get('best')}{' (improved)' if event.get('improved') else ''}"
-    elif kind == "gpu_status":
-        if event.get("available"):
-            text = f"GPU: {len(event.get('devices') or [])} device(s) via {event.get('backend')}"
-        else:
-            text = f"no GPU: {event.get('reason') or 'none found'} (benchmarks run on the CPU)"
-    elif kind == "message":
-        text = str(event.get("text", ""))
-    else:
-        return None
-    return f"{stamp} {text}", style
-
-
-def _clip(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    text = line.text.split("\n", 1)[0]  # the log is one row per event (the ideas list is in the tree)
+    return (f"{stamp} {line.node} {text}" if line.node not in (None, "") else f"{stamp} {text}"), line.style
 
 
 def now_or_frozen(frozen: float | None) -> float:

@@ -6,7 +6,7 @@ validator that returns an error line keeps a typo from ever reaching `control.js
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from rich.table import Table
 from rich.text import Text

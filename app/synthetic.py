@@ -14,8 +14,9 @@ import itertools
 import json
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 T0 = 1_700_000_000.0
 COLUMNS = ["runtime_ms (lower is better)", "throughput_gbs (higher is better)"]

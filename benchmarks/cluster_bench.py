@@ -31,9 +31,9 @@ from typing import Any
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: 127.0.0.1 stays loopback
 
-from looptree.engine.evaluation.executor import LocalExecutor
 from looptree.engine.core.config import validate_config
 from looptree.engine.evaluation.evaluator import Evaluator
+from looptree.engine.evaluation.executor import LocalExecutor
 
 ROWS, ROW_S = 5, 0.2
 BENCH = f"""#!/bin/sh
@@ -105,9 +105,10 @@ async def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     import ray
+    from ray.cluster_utils import Cluster
+
     from looptree.engine.cluster.ray_executor import RayExecutor
     from looptree.engine.core.config import ClusterSection
-    from ray.cluster_utils import Cluster
 
     results: list[tuple[str, int, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:

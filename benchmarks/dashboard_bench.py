@@ -23,9 +23,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -149,7 +150,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             now = time.perf_counter()
             if now >= next_key and app.probe is None:
                 key = next(keys)
-                tree = app.tree
+                tree = app.run_tree
                 if key == "b" and app.view.best_id is not None:
                     node_id = app.view.best_id
                 else:

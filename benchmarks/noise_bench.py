@@ -54,17 +54,18 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
 from looptree.engine.core.config import Config, validate_config  # noqa: E402
-from looptree.engine.evaluation.evaluator import Evaluator  # noqa: E402
 from looptree.engine.core.metrics import MetricSpec  # noqa: E402
+from looptree.engine.evaluation.evaluator import Evaluator  # noqa: E402
 from looptree.engine.evaluation.sequential import look_level  # noqa: E402
 from looptree.engine.evaluation.stats import Verdict, adaptive_repeats, compare, noise_floor  # noqa: E402
 

@@ -53,22 +53,23 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
-from looptree.engine.evaluation import evaluator as evaluator_mod  # noqa: E402
-from looptree.engine.vcs import gitops  # noqa: E402
-from looptree.engine.core.config import validate_config  # noqa: E402
-from looptree.engine.run.engine import Engine  # noqa: E402
-from looptree.engine.core.events import read_events  # noqa: E402
 from looptree.engine.agents.llm.types import LLMRequest, LLMResponse  # noqa: E402
+from looptree.engine.core.config import validate_config  # noqa: E402
+from looptree.engine.core.events import read_events  # noqa: E402
+from looptree.engine.evaluation import evaluator as evaluator_mod  # noqa: E402
 from looptree.engine.evaluation.procs import find_job_pids  # noqa: E402
+from looptree.engine.run.engine import Engine  # noqa: E402
+from looptree.engine.vcs import gitops  # noqa: E402
 
 # Builtins only (dash and bash): read the first line of solver.py, write header + one row.
 BENCH_COMMAND = ("read -r line < solver.py; "

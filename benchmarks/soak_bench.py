@@ -46,6 +46,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# The same event feeder as the dashboard benchmark (this folder is on sys.path when run as a script).
+from dashboard_bench import preload, writer  # noqa: E402
+
 from looptree.app.dashboard import LooptreeApp
 from looptree.app.synthetic import stream_events
 
@@ -76,41 +79,6 @@ def rss_mib() -> float:
 def cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
-
-
-def preload(path: Path, stream: Iterator[dict[str, Any]], nodes: int) -> int:
-    """Write events until `nodes` nodes exist; the stream goes on from there in the writer."""
-    created = written = 0
-    with open(path, "w", encoding="utf-8") as fh:
-        for event in stream:
-            fh.write(json.dumps(event, separators=(",", ":")) + "\n")
-            written += 1
-            if event["type"] == "node_created":
-                created += 1
-                if created >= nodes:
-                    break
-    return written
-
-
-def writer(path: str, stream: Iterator[dict[str, Any]], rate: float, seconds: float, counter: Any) -> None:
-    """Forked child: append events at `rate` per second, in small batches, for `seconds`."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    start = time.perf_counter()
-    sent = 0
-    while True:
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            break
-        due = int(rate * elapsed) - sent
-        if due > 0:
-            batch = list(itertools.islice(stream, due))
-            if not batch:
-                break
-            os.write(fd, "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in batch).encode())
-            sent += len(batch)
-            counter.value = sent
-        time.sleep(0.02)
-    os.close(fd)
 
 
 def steady_rows(ids: list[str], t0: float, rate: float) -> Iterator[dict[str, Any]]:

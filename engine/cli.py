@@ -15,8 +15,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from looptree.engine.errors import LooptreeError
 
@@ -152,7 +152,6 @@ def main(argv: list[str] | None = None, *, dashboard: Dashboard | None = None) -
 # -- init ------------------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
     from looptree.engine.core.init import write_config
-
     from looptree.engine.vcs import gitops
 
     path = write_config(Path(args.dir))
@@ -286,8 +285,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def _replay_headless(run_dir: Path, speed: float) -> int:
     from looptree.engine.core.events import EVENTS_NAME, iter_events
-    from looptree.engine.run.printer import Printer
     from looptree.engine.core.state import RunState
+    from looptree.engine.run.printer import Printer
 
     state = RunState()
     printer = Printer(state)
@@ -302,10 +301,10 @@ def _replay_headless(run_dir: Path, speed: float) -> int:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from looptree.engine.run.control import NEEDS_ID, append_control, make_command, new_budget
     from looptree.engine.core.events import RunLock
     from looptree.engine.core.runs import check_resumable, resolve_run_dir
     from looptree.engine.core.state import RunState
+    from looptree.engine.run.control import NEEDS_ID, append_control, make_command, new_budget
 
     run_dir = resolve_run_dir(args.run_dir)
     record = make_command(args.cmd, args.arg if args.cmd in NEEDS_ID else None, hint=args.hint,
@@ -325,9 +324,9 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
-    from looptree.engine.run.report import render_tree, tree_json
     from looptree.engine.core.runs import resolve_run_dir
     from looptree.engine.core.state import RunState
+    from looptree.engine.run.report import render_tree, tree_json
 
     run_dir = resolve_run_dir(args.run_dir)
     state = RunState.load(run_dir)
@@ -339,10 +338,10 @@ def cmd_tree(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from looptree.engine.vcs import gitops
-    from looptree.engine.run.report import render_show
     from looptree.engine.core.runs import resolve_run_dir
     from looptree.engine.core.state import RunState
+    from looptree.engine.run.report import render_show
+    from looptree.engine.vcs import gitops
 
     run_dir = resolve_run_dir(args.run_dir)
     state = RunState.load(run_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from looptree.engine.edits.access import AccessPolicy
 from looptree.engine.errors import ConfigError, EditRejected
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fixtures.dash_pilot import FROZEN, control, live_app, make_run, ready, select
 from textual.widgets import Input, Static
 
 from looptree.app.screens import ConfirmScreen, HelpScreen, PromptScreen
 from looptree.app.synthetic import demo_run, write_events
-from fixtures.dash_pilot import FROZEN, control, live_app, make_run, ready, select
 
 
 # -- control commands (live) -----------------------------------------------------------------
@@ -148,7 +148,7 @@ async def test_b_jumps_to_the_best_node(tmp_path: Path) -> None:
         await pilot.press("b")
         await pilot.pause()
         assert pilot.app._selected_id == "5.3.1"
-        assert pilot.app.tree.cursor_node.data == "5.3.1"
+        assert pilot.app.run_tree.cursor_node.data == "5.3.1"
         info = str(pilot.app.query_one("#detail-info", Static).render())
         assert "5.3.1" in info and "★ best" in info and "1.60× vs base" in info
 
@@ -181,7 +181,7 @@ async def test_deep_nodes_start_collapsed_and_jumping_expands_them(tmp_path: Pat
     write_events(run_dir / "events.jsonl", events + extra)
     async with live_app(run_dir).run_test(size=(120, 40)) as pilot:
         await ready(pilot)
-        tree = pilot.app.tree
+        tree = pilot.app.run_tree
         assert tree.by_id["5.3"].is_expanded  # depth 1
         assert not tree.by_id["5.3.1"].is_expanded  # depth 2: collapsed
         assert "5.3.1.1" not in tree.by_id  # children of a collapsed node wait outside the Tree

@@ -11,9 +11,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from fixtures.dash_pilot import make_run, ready
 
 from looptree.app.dashboard import LooptreeApp, Periods
-from fixtures.dash_pilot import make_run, ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = Periods(gc_freeze=0.05, spinner=0.02, clock=0.05, engine_lock=0.05)

@@ -134,10 +134,29 @@ def test_run_status_words() -> None:
 
 
 def test_format_event_lines() -> None:
-    assert format_event({"type": "node_failed", "ts": T0 + 61, "id": "5.2", "stage": "build", "reason": "exit 1"}, T0) == (
-        "+01:01 5.2 failed at build: exit 1", "error")
+    failed = {"type": "node_failed", "ts": T0 + 61, "id": "5.2", "stage": "build", "reason": "exit 1"}
+    assert format_event(failed, T0) == ("+01:01 5.2 FAILED at build: exit 1", "error")
     assert format_event({"type": "node_pinned", "ts": T0, "id": "5.1"}, T0) == ("+00:00 5.1 pinned", "control")
-    assert format_event({"type": "no_such_event", "ts": T0}, T0) is None
+    # An event this version does not know is said, not dropped.
+    assert format_event({"type": "no_such_event", "ts": T0}, T0) == (
+        "+00:00 unknown event 'no_such_event' (written by another looptree version?)", "error")
+    assert format_event({"type": "gpu_sample", "ts": T0, "device": 0, "fields": {}}, T0) is None
+
+
+def test_the_dashboard_and_the_headless_printer_say_the_same_words() -> None:
+    from looptree.engine.run.printer import format_event as headless
+
+    state = RunState()
+    for event in demo_run(finished=True):
+        state.apply(event)
+        shown = format_event(event, T0, state)
+        printed = headless(event, state)
+        assert (shown is None) == (printed is None), event["type"]
+        if shown is not None and printed is not None:
+            words = printed.split("\n", 1)[0].strip()  # the node column, then the words
+            if event.get("id") and words.startswith(str(event["id"])):
+                words = words[len(str(event["id"])):].strip()
+            assert shown[0].endswith(words), (shown, printed)
 
 
 def test_node_label_marks_and_key() -> None:

@@ -6,12 +6,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from fixtures.dash_pilot import FROZEN, live_app, make_run, plain, ready, select
 from textual.widgets import RichLog, Static
 
 from looptree.app.dashboard import LooptreeApp
 from looptree.app.synthetic import write_events
 from looptree.engine.core.events import RunLock
-from fixtures.dash_pilot import FROZEN, live_app, make_run, plain, ready, select
 
 
 # -- live tailing and panels -----------------------------------------------------------------
@@ -33,10 +33,10 @@ async def test_live_tail_adds_nodes_and_updates_panels(tmp_path: Path) -> None:
             ])
             for _ in range(50):
                 await pilot.pause(0.05)
-                if "5.3.3" in app.tree.by_id:
+                if "5.3.3" in app.run_tree.by_id:
                     break
-            assert "5.3.3" in app.tree.by_id
-            assert app.tree.by_id["5.3.3"].parent is app.tree.by_id["5.3"]
+            assert "5.3.3" in app.run_tree.by_id
+            assert app.run_tree.by_id["5.3.3"].parent is app.run_tree.by_id["5.3"]
             assert "11 nodes" in str(app.query_one("#header", Static).render()).replace("nodes 11", "11 nodes")
             rows = app.query_one("#rows").shown_rows()
             assert [r[:3] for r in rows] == [["1", "2", "8.12"], ["1", "1", "8.31"], ["1", "0", "8.036"]]  # newest first
@@ -157,9 +157,9 @@ async def test_live_panel_and_tree_show_the_same_median(tmp_path: Path) -> None:
             assert f"runtime_ms median {fmt_num(5.0)}" in final, final
             for _ in range(40):
                 await pilot.pause(0.05)
-                if "5.3.3" in app.tree.by_id and fmt_num(5.0) in str(app.tree.by_id["5.3.3"].label):
+                if "5.3.3" in app.run_tree.by_id and fmt_num(5.0) in str(app.run_tree.by_id["5.3.3"].label):
                     break
-            tree_label = str(app.tree.by_id["5.3.3"].label)
+            tree_label = str(app.run_tree.by_id["5.3.3"].label)
             assert f"runtime_ms median {fmt_num(5.0)}" in str(app.query_one("#rows-title", Static).render())
             assert fmt_num(5.0) in tree_label, tree_label
     finally:

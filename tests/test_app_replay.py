@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fixtures.dash_pilot import control, make_run, ready, replay_app, select
 from textual.widgets import Static
 
 from looptree.app.screens import PromptScreen
-from fixtures.dash_pilot import control, make_run, ready, replay_app, select
 
 
 async def test_replay_step_and_play_pause(tmp_path: Path) -> None:
@@ -19,7 +19,7 @@ async def test_replay_step_and_play_pause(tmp_path: Path) -> None:
         assert cursor.position == 0 and not cursor.playing
         await pilot.press("full_stop", "n", "n")  # run_started, gpu_status, node_created 5
         assert cursor.position == 3
-        assert pilot.app.view.state.run == 5 and "5" in pilot.app.tree.by_id
+        assert pilot.app.view.state.run == 5 and "5" in pilot.app.run_tree.by_id
         await pilot.press("space")
         assert cursor.playing
         await pilot.press("space")
@@ -47,14 +47,14 @@ async def test_replay_seek_keys_and_refold_backwards(tmp_path: Path) -> None:
         await pilot.press("end")
         assert app.cursor.position == total and app.view.state.finished == "phases done"
         await pilot.press("home")
-        assert app.cursor.position == 0 and app.view.state.run is None and app.tree.by_id == {}
+        assert app.cursor.position == 0 and app.view.state.run is None and app.run_tree.by_id == {}
         await pilot.press("right_square_bracket", "right_square_bracket", "right_square_bracket")
         assert app.cursor.position == round(total * 0.1) * 3
         nodes_forward = len(app.view.state.nodes)
         await pilot.press("left_square_bracket")  # backwards: re-fold from the start
         assert app.cursor.position == round(total * 0.1) * 2
         assert len(app.view.state.nodes) <= nodes_forward
-        assert set(app.tree.by_id) == set(app.view.state.nodes)
+        assert set(app.run_tree.by_id) == set(app.view.state.nodes)
         await pilot.press("g")
         assert isinstance(app.screen, PromptScreen)
         await pilot.press(*"50%", "enter")

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fixtures.dash_pilot import FROZEN, make_run, ready
 
 from looptree.app.dashboard import LooptreeApp
-from fixtures.dash_pilot import FROZEN, make_run, ready
 
 
 def select_best(keys: tuple[str, ...] = ()):

@@ -102,3 +102,22 @@ def test_docs_name_only_files_that_exist() -> None:
             if not list(ROOT.glob(path.rstrip("/"))):
                 missing.append(f"{doc}: {path}")
     assert not missing, missing
+
+
+def test_ruff_is_clean() -> None:
+    """The linter the test command runs (rules in pyproject.toml [tool.ruff])."""
+    exe = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    result = subprocess.run([exe, "check", "--no-cache", str(ROOT)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_mypy_is_clean(tmp_path: Path) -> None:
+    """The type checker over every package, read through the installed import root (as the wheel)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), "--namespace-packages",
+         "--explicit-package-bases", "--cache-dir", str(tmp_path / "cache"),
+         "-p", "looptree.engine", "-p", "looptree.gpu", "-p", "looptree.app"],
+        cwd=source_root(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "Success: no issues found" in result.stdout

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from looptree.engine.core.config import load_config
-from looptree.engine.edits.access import check_patterns
-from looptree.engine.run.control import CONTROL_NAME
-from looptree.engine.errors import ConfigError
 from looptree.engine.core.events import RunLock
+from looptree.engine.edits.access import check_patterns
+from looptree.engine.errors import ConfigError
+from looptree.engine.run.control import CONTROL_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "eng_run2_events.jsonl"

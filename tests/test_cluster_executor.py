@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from looptree.engine.cluster.factory import make_executor
+from looptree.engine.core.config import validate_config
+from looptree.engine.evaluation.evaluator import Evaluator
 from looptree.engine.evaluation.executor import (
     LocalExecutor,
     LocalLease,
     worker_identity,
 )
-from looptree.engine.cluster.factory import make_executor
-from looptree.engine.core.config import validate_config
-from looptree.engine.evaluation.evaluator import Evaluator
 from looptree.engine.evaluation.procs import ProcResult, run_command
 
 

@@ -27,6 +27,7 @@ import pytest
 # to the machine's other address (which these tests must never use).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import ray  # the ray extra: the README's test command installs ".[test,ray]"
+
 from looptree.engine.cluster.ray_executor import (
     RayExecutor,
     local_versions,

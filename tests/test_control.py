@@ -7,6 +7,8 @@ import stat
 from pathlib import Path
 
 import pytest
+
+from looptree.engine.errors import LooptreeError
 from looptree.engine.run.control import (
     COMMANDS,
     CONTROL_NAME,
@@ -20,7 +22,6 @@ from looptree.engine.run.control import (
     parse_budget,
     sign_record,
 )
-from looptree.engine.errors import LooptreeError
 
 # ---------------------------------------------------------------------------- make_command
 

@@ -117,8 +117,8 @@ def _wait_for(run_dir: Path, predicate, timeout: float = 120) -> list[dict]:
 
 
 def _job_processes(run_dir: Path) -> list[int]:
-    from looptree.engine.run.engine import job_prefix
     from looptree.engine.evaluation.procs import find_job_pids
+    from looptree.engine.run.engine import job_prefix
 
     return find_job_pids(job_prefix(run_dir), prefix=True)
 

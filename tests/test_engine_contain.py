@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from looptree.engine.core.config import validate_config
-from looptree.engine.edits.access import check_patterns
-from looptree.engine.run.control import CONTROL_NAME
-from looptree.engine.run.engine import Engine
-from looptree.engine.errors import ConfigError
 from looptree.engine.core.events import read_events
 from looptree.engine.core.state import RunState
+from looptree.engine.edits.access import check_patterns
+from looptree.engine.errors import ConfigError
+from looptree.engine.run.control import CONTROL_NAME
+from looptree.engine.run.engine import Engine
 
 try:
     from llm_server import llm_server, reply

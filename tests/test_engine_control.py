@@ -14,17 +14,18 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
 from looptree.engine.core.config import validate_config
+from looptree.engine.core.events import read_events
+from looptree.engine.core.state import RunState
+from looptree.engine.evaluation.procs import find_job_pids
 from looptree.engine.run.control import append_control, make_command
 from looptree.engine.run.engine import Engine, job_prefix
-from looptree.engine.core.events import read_events
-from looptree.engine.evaluation.procs import find_job_pids
-from looptree.engine.core.state import RunState
 
 RT = "runtime_ms (lower is better)"
 BENCH = """\
@@ -59,7 +60,7 @@ def cassette_for(ideas: dict[str, str], improve: list[str]) -> list[dict[str, An
 
 
 async def start_engine(tmp_path: Path, records: list[dict[str, Any]], *, base_sleep: float = 0.0,
-                       bench_concurrency: int = 1, **search: Any) -> "Live":
+                       bench_concurrency: int = 1, **search: Any) -> Live:
     project = tmp_path / "proj"
     project.mkdir()
     (project / "solver.py").write_text(f"VALUE = 100\nSLEEP = {base_sleep}\n# knob\n")
@@ -90,7 +91,7 @@ class Live:
         engine.listeners.append(self.events.append)
         self.task: asyncio.Task[str] | None = None
 
-    async def __aenter__(self) -> "Live":
+    async def __aenter__(self) -> Live:
         self.task = asyncio.create_task(self.engine.run())
         return self
 

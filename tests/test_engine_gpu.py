@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from looptree.engine.core.config import Config, validate_config
+from looptree.engine.core.events import read_events
+from looptree.engine.errors import LooptreeError
 from looptree.engine.run.control import append_control, make_command
 from looptree.engine.run.engine import Engine
-from looptree.engine.errors import LooptreeError
-from looptree.engine.core.events import read_events
 from looptree.gpu.devices.telemetry import FakeBackend, NoneBackend
 
 SOLVER = "VALUE = 100\nSLEEP = 0.25\n# knob\n"

@@ -13,18 +13,19 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import pytest
 
 from looptree.engine.core.config import Config, validate_config
-from looptree.engine.run.control import append_control, make_command
-from looptree.engine.run.engine import Engine
-from looptree.engine.errors import ConfigError, LooptreeError
 from looptree.engine.core.events import read_events
 from looptree.engine.core.state import RunState
+from looptree.engine.errors import ConfigError, LooptreeError
+from looptree.engine.run.control import append_control, make_command
+from looptree.engine.run.engine import Engine
 
 try:
     from llm_server import hang, length, llm_server, reply, status  # noqa: F401 - llm_server is a fixture

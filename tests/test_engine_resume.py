@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+
 from looptree.engine.core.config import validate_config
-from looptree.engine.run.engine import Engine
-from looptree.engine.errors import LooptreeError
 from looptree.engine.core.events import RunLock, read_events
 from looptree.engine.core.state import RunState
+from looptree.engine.errors import LooptreeError
+from looptree.engine.run.engine import Engine
 
 CHANGE = ("Double the constant.\n\nsolver.py\n<<<<<<< SEARCH\nVALUE = {old}\n=======\nVALUE = {new}\n"
           ">>>>>>> REPLACE\n")

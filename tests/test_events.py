@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from looptree.engine.errors import LooptreeError, RunLockedError
 from looptree.engine.core.events import (
     EVENTS_NAME,
     LOCK_NAME,
@@ -26,6 +25,7 @@ from looptree.engine.core.events import (
     last_samples,
     read_events,
 )
+from looptree.engine.errors import LooptreeError, RunLockedError
 
 
 def raw_lines(run_dir: Path) -> list[bytes]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from looptree.engine.evaluation.evidence import RunRecord, shape_of, suspect_reason, time_unit_seconds
 from looptree.engine.core.metrics import parse_header
+from looptree.engine.evaluation.evidence import RunRecord, shape_of, suspect_reason, time_unit_seconds
 
 MS = parse_header(["iteration", "runtime_ms (lower is better)"])
 SCORE = parse_header(["iteration", "score (higher is better)"])

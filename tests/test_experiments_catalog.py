@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from looptree.engine.errors import LooptreeError
 from looptree.engine.experiments.catalog import filter_rows
 from looptree.engine.experiments.pareto import mark_front

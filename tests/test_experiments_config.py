@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from looptree.engine.cli import main
 from looptree.engine.core.config import load_config, resolve_config
 from looptree.engine.errors import ConfigError

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from looptree.engine.core.config import Config, validate_config
-from looptree.engine.run.engine import Engine
 from looptree.engine.core.events import read_events
-from looptree.engine.run.report import render_show, render_tree
 from looptree.engine.core.state import RunState
+from looptree.engine.run.engine import Engine
+from looptree.engine.run.report import render_show, render_tree
 
 try:
     from llm_server import llm_server, reply  # noqa: F401 - llm_server is a fixture

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from looptree.engine.vcs import gitops
 from looptree.engine.errors import GitError
+from looptree.engine.vcs import gitops
 
 
 def user_view(repo: Path, git_run) -> tuple[str, str, str, bytes]:

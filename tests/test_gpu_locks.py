@@ -99,8 +99,8 @@ async def test_a_run_waits_for_another_process_holding_the_cpu_and_says_so(tmp_p
     import json
 
     from looptree.engine.core.config import validate_config
-    from looptree.engine.run.engine import Engine
     from looptree.engine.core.events import read_events
+    from looptree.engine.run.engine import Engine
     from looptree.gpu.devices.telemetry import NoneBackend
 
     env = _env(tmp_path)

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from looptree.gpu.devices.telemetry import NoGpu
 from looptree.gpu.bench.timing import TimingResult, interleaved_ab, resolve_device, time_callable
+from looptree.gpu.devices.telemetry import NoGpu
 
 
 def _cuda() -> bool:

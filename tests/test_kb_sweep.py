@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("torch")
 
 from looptree.gpu.kernelbench.cli import TaskResult, build_summary, render_summary
-from looptree.gpu.kernelbench.runner import KB_COMMIT
 from looptree.gpu.kernelbench.problems import fast_p
+from looptree.gpu.kernelbench.runner import KB_COMMIT
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = REPO / "sample_projects" / "kernelbench"

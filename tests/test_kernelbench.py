@@ -21,11 +21,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from looptree.engine.edits.access import AccessPolicy  # noqa: E402
 from looptree.engine.cli import build_parser  # noqa: E402
 from looptree.engine.core.config import load_config  # noqa: E402
-from looptree.engine.edits.access import check_patterns  # noqa: E402
+from looptree.engine.edits.access import AccessPolicy, check_patterns  # noqa: E402
 from looptree.engine.errors import ConfigError, LooptreeError  # noqa: E402
+from looptree.gpu.kernelbench import runner as kb_bench  # noqa: E402
 from looptree.gpu.kernelbench.cli import (  # noqa: E402
     TaskResult,
     absolutize_overrides,
@@ -33,7 +33,6 @@ from looptree.gpu.kernelbench.cli import (  # noqa: E402
     result_from_state,
     run_kernelbench,
 )
-from looptree.gpu.kernelbench import runner as kb_bench  # noqa: E402
 from looptree.gpu.kernelbench.problems import (  # noqa: E402
     METRIC_COLUMNS,
     KernelBenchError,

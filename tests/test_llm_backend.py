@@ -21,11 +21,9 @@ from looptree.engine.agents.llm.types import (
 )
 
 try:
-    from llm_server import (  # noqa: F401 - llm_server is a fixture
-        drop, empty, hang, length, llm_server, no_usage, reply, status)
+    from llm_server import drop, empty, hang, length, llm_server, no_usage, reply, status  # noqa: F401 - llm_server is a fixture
 except ImportError:  # tests/ became a package
-    from tests.llm_server import (  # noqa: F401
-        drop, empty, hang, length, llm_server, no_usage, reply, status)
+    from tests.llm_server import drop, empty, hang, length, llm_server, no_usage, reply, status  # noqa: F401
 
 KEY = "sk-test-0123456789abcdefghijklmnop"
 

@@ -7,13 +7,18 @@ import logging
 
 import pytest
 
-from looptree.engine.errors import BudgetExhausted, ConfigError
 from looptree.engine.agents.llm.budget import BudgetedBackend, TokenBudget, estimate_request_tokens
 from looptree.engine.agents.llm.openai_backend import OpenAIBackend
 from looptree.engine.agents.llm.pricing import PriceTable
 from looptree.engine.agents.llm.providers import Endpoint
 from looptree.engine.agents.llm.types import (
-    LLMError, LLMRequest, LLMRequestRejected, estimate_prompt_tokens, prompt_token_bound)
+    LLMError,
+    LLMRequest,
+    LLMRequestRejected,
+    estimate_prompt_tokens,
+    prompt_token_bound,
+)
+from looptree.engine.errors import BudgetExhausted, ConfigError
 
 try:
     from llm_server import drop, llm_server, reply, status  # noqa: F401

@@ -57,8 +57,8 @@ async def test_one_short_real_call(tmp_path):
 async def test_one_short_real_run(tmp_path):
     """A whole run (ideas, one agent, build, bench) against the real endpoint, a small budget."""
     from looptree.engine.core.config import validate_config
-    from looptree.engine.run.engine import Engine
     from looptree.engine.core.state import RunState
+    from looptree.engine.run.engine import Engine
 
     project = tmp_path / "proj"
     project.mkdir()

@@ -8,9 +8,10 @@ import socket
 import time
 
 import pytest
+
+from looptree.engine.agents.llm.preflight import check_endpoints, require_endpoints
 from looptree.engine.core.config import validate_config
 from looptree.engine.errors import LooptreeError
-from looptree.engine.agents.llm.preflight import check_endpoints, require_endpoints
 
 try:
     from llm_server import LLMTestServer, llm_server, status

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from looptree.engine.errors import ConfigError
 from looptree.engine.agents.llm import build_llm
 from looptree.engine.agents.llm.budget import TokenBudget
 from looptree.engine.agents.llm.pricing import APPROX_LIST_PRICES, PriceTable, cost
 from looptree.engine.agents.llm.providers import LOCAL_DUMMY_KEY, PROVIDERS, resolve_endpoint
 from looptree.engine.agents.llm.redact import REDACTED, Redactor, redact_text
+from looptree.engine.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from looptree.engine.errors import ConfigError
 from looptree.engine.agents.llm.budget import BudgetedBackend, TokenBudget
 from looptree.engine.agents.llm.openai_backend import OpenAIBackend
 from looptree.engine.agents.llm.providers import resolve_endpoint
 from looptree.engine.agents.llm.recorder import CallRecorder, request_hash
 from looptree.engine.agents.llm.replay import ReplayBackend
 from looptree.engine.agents.llm.types import CassetteExhausted, LLMEmptyReply, LLMRequest, LLMRequestRejected
+from looptree.engine.errors import ConfigError
 
 try:
     from llm_server import llm_server, reply, status  # noqa: F401
@@ -80,7 +80,7 @@ async def test_live_calls_are_recorded_as_a_cassette_without_the_key(
         status(401, message=f"Incorrect API key provided: {key}. Authorization: Bearer {key}"),
     )
     request = make_request(f"Optimize. (debug: api_key={key})")
-    response = await backend.complete(request)
+    await backend.complete(request)
     with pytest.raises(LLMRequestRejected) as info:
         await backend.complete(make_request("second"))
     await backend.aclose()

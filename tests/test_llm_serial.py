@@ -8,8 +8,8 @@ import asyncio
 import time
 
 import pytest
+
 from looptree.engine.agents.calls import AgentCaller
-from looptree.engine.core.config import validate_config
 from looptree.engine.agents.llm.budget import BudgetedBackend, TokenBudget
 from looptree.engine.agents.llm.openai_backend import OpenAIBackend
 from looptree.engine.agents.llm.providers import Endpoint
@@ -20,6 +20,7 @@ from looptree.engine.agents.llm.types import (
     RetryInfo,
     prompt_token_bound,
 )
+from looptree.engine.core.config import validate_config
 
 try:
     from llm_server import hang, llm_server, reply, stall, status

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from looptree.engine.errors import MetricsError
 from looptree.engine.core.metrics import (
     Aggregate,
     CsvTail,
@@ -21,6 +20,7 @@ from looptree.engine.core.metrics import (
     priority_key,
     read_metrics,
 )
+from looptree.engine.errors import MetricsError
 
 RT = "runtime_ms (lower is better)"
 
@@ -201,7 +201,7 @@ def test_tail_in_steps_with_partial_lines(tmp_path: Path) -> None:
     _append(path, "iteration,run")  # header not complete yet
     assert tail.poll() == []
     assert tail.specs is None
-    _append(path, f"time_ms (lower is better)\n0,1.")
+    _append(path, "time_ms (lower is better)\n0,1.")
     assert tail.poll() == []
     assert [s.column for s in tail.specs or []] == ["runtime_ms (lower is better)"]
     _append(path, "5\n1,2")

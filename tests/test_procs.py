@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from looptree.engine.evaluation.procs import (
     JOB_ENV,
     Limits,

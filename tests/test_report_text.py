@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from looptree.engine.core.state import RunState
 from looptree.engine.run.printer import format_event
 from looptree.engine.run.report import REASON_LINES, REASON_WIDTH, clip_words, wrap_reason
-from looptree.engine.core.state import RunState
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "eng_run2_events.jsonl"

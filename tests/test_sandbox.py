@@ -27,6 +27,7 @@ from typing import Any
 
 import psutil
 import pytest
+
 from looptree.engine.core.config import validate_config
 from looptree.engine.errors import ConfigError
 from looptree.engine.evaluation.evaluator import Evaluator, _failure_reason
@@ -433,8 +434,8 @@ def test_tree_and_dashboard_header_say_not_sandboxed() -> None:
 
 @pytest.mark.parametrize("mode", ["auto", "off"])
 async def test_run_started_records_the_containment_applied(tmp_path: Path, mode: str) -> None:
-    from looptree.engine.run.engine import Engine
     from looptree.engine.core.events import read_events
+    from looptree.engine.run.engine import Engine
 
     project = tmp_path / "proj"
     project.mkdir()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from looptree.engine.run.headless import exit_status_for, stop_reason_for
 
 REPO = Path(__file__).resolve().parents[1]

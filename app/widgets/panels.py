@@ -86,7 +86,7 @@ class LiveRows(Vertical):
         if columns:
             value, _final = node_median(node, columns[0])
             if value is not None:
-                spec = (view.state.specs or [None])[0]
+                spec = view.state.specs[0] if view.state.specs else None
                 name = spec.name if spec is not None else columns[0]
                 text.append(f" · {name} median {fmt_num(value)}", style="bold")
         return text

@@ -11,8 +11,10 @@ repaint. A dict maps node IDs to TreeNodes, and `get_label_width` is estimated, 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
+from rich.text import Text
 from textual.binding import Binding, BindingType
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
@@ -162,7 +164,9 @@ class RunTree(Tree[str], inherit_bindings=False):  # Tree's `space` toggles node
             self.move_cursor(node.parent)
 
     def get_label_width(self, node: TreeNode[str]) -> int:
-        return node.label.cell_len + 2  # + the expand icon; no need to render the label
+        label = node.label  # always a Text here (labels.node_label); a str is measured the slow way
+        width = label.cell_len if isinstance(label, Text) else Text(label).cell_len
+        return width + 2  # + the expand icon; no need to render the label
 
     def spinner_targets(self, view: RunView) -> list[str]:
         return [node_id for node_id in view.running if node_id in self.by_id]

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.core.config import Config
-from looptree.engine.errors import ConfigError
 from looptree.engine.agents.llm.budget import BudgetedBackend, TokenBudget
 from looptree.engine.agents.llm.pricing import PriceTable
 from looptree.engine.agents.llm.types import (
@@ -26,6 +24,8 @@ from looptree.engine.agents.llm.types import (
     LLMResponse,
     RetryInfo,
 )
+from looptree.engine.core.config import Config
+from looptree.engine.errors import ConfigError
 
 
 def model_for(config: Config, role: str) -> str:

@@ -22,7 +22,6 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from looptree.engine.edits.access import AccessPolicy
 from looptree.engine.agents.llm.redact import (
     HiddenIndex,
     PromptScrubber,
@@ -30,6 +29,7 @@ from looptree.engine.agents.llm.redact import (
     read_hidden_texts,
 )
 from looptree.engine.core.metrics import MetricSpec
+from looptree.engine.edits.access import AccessPolicy
 
 TEMPLATE_NAMES = ("system", "ideas", "optimize", "improve", "fix")
 MAX_FILE_CHARS = 40_000

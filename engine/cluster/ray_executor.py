@@ -45,8 +45,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.evaluation.executor import Worker, device_identity
 from looptree.engine.errors import LooptreeError
+from looptree.engine.evaluation.executor import Worker, device_identity
 from looptree.engine.evaluation.procs import (
     Limits,
     ProcResult,

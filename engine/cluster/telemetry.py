@@ -16,6 +16,7 @@ from typing import Any
 
 from looptree.engine.cluster.ray_executor import CALL_TIMEOUT_S, _ray
 from looptree.engine.errors import LooptreeError
+from looptree.gpu.devices.telemetry import poll_in_thread
 
 __all__ = ["cluster_gpus", "format_cluster_gpus", "sample_cluster", "cluster_sample_loop", "cluster_device_samples"]
 
@@ -119,36 +120,9 @@ async def cluster_sample_loop(sampler: Callable[[], list[dict[str, Any]]], inter
                               *, timeout_s: float | None = None) -> None:
     """Call ``sampler`` (blocking: in a thread) every ``interval_s`` until ``stop``; emit each sample.
 
-    A sampling round that outlasts its timeout is awaited again next round rather than started
-    twice (a hung node must not pile up threads); a failing one is logged and skipped: telemetry
-    never takes the run down.
+    The same loop as the local NVML sampling (`poll_in_thread`): a hung node never piles up
+    threads, a failing round is logged and skipped.
     """
-    loop = asyncio.get_running_loop()
-    timeout = timeout_s if timeout_s is not None else max(interval_s * 2, 10.0)
-    pending: asyncio.Future[list[dict[str, Any]]] | None = None
-    while not stop.is_set():
-        started = loop.time()
-        if pending is None:
-            pending = asyncio.ensure_future(asyncio.to_thread(sampler))
-        found: list[dict[str, Any]] = []
-        try:
-            found = await asyncio.wait_for(asyncio.shield(pending), timeout)
-            pending = None
-        except TimeoutError:
-            log.warning("cluster GPU sampling took over %.1fs; waiting for it before sampling again", timeout)
-        except Exception as exc:  # noqa: BLE001 - a failed round is skipped, not fatal
-            log.warning("cluster GPU sampling failed: %s: %s", type(exc).__name__, exc)
-            pending = None
-        for sample in found or []:
-            try:
-                emit(str(sample["device"]), dict(sample["fields"]))
-            except Exception as exc:  # noqa: BLE001 - one bad sample is skipped
-                log.warning("cluster GPU sample skipped: %s: %s", type(exc).__name__, exc)
-        remaining = interval_s - (loop.time() - started)
-        if remaining > 0:
-            try:
-                await asyncio.wait_for(stop.wait(), remaining)
-            except TimeoutError:
-                pass
-    if pending is not None:
-        pending.cancel()
+    await poll_in_thread(sampler, interval_s, lambda sample: emit(str(sample["device"]), dict(sample["fields"])),
+                         stop, timeout_s=timeout_s if timeout_s is not None else max(interval_s * 2, 10.0),
+                         what="cluster GPU sampling")

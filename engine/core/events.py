@@ -14,12 +14,13 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from looptree.engine.errors import LooptreeError, RunLockedError
 from looptree.engine.core.schema import check as schema_check
+from looptree.engine.errors import LooptreeError, RunLockedError
 
 EVENTS_NAME = "events.jsonl"
 TELEMETRY_NAME = "telemetry.jsonl"
@@ -77,6 +78,13 @@ def _truncate_torn_tail(path: Path) -> None:
             fh.write(b"\n")  # a whole event whose newline was lost: keep it
 
 
+def write_line(fd: int, record: dict[str, Any]) -> None:
+    """One JSON line, whole, on an O_APPEND descriptor (a short write is continued, never left torn)."""
+    view = memoryview((json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode())
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def count_lines(path: Path) -> int:
     """Lines in a file, counted in chunks without parsing (after `_truncate_torn_tail`, one per event)."""
     count = 0
@@ -127,11 +135,7 @@ class EventLog:
                 self._schema_problems.add(type_)
                 self.append("message", text=f"internal: {problem} (please report this)")
         event = {"seq": self._seq, "ts": round(time.time(), 6), "type": type_, **fields}
-        line = (json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
-        view = memoryview(line)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        write_line(self._fd, event)
         if self.fsync:
             os.fsync(self._fd)
         self._seq += 1
@@ -214,10 +218,7 @@ class TelemetryLog:
 
     def append(self, device: int, fields: dict[str, Any]) -> dict[str, Any]:
         sample = {"ts": round(time.time(), 6), "type": "gpu_sample", "device": device, "fields": fields}
-        line = (json.dumps(sample, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
-        view = memoryview(line)
-        while view:
-            view = view[os.write(self._fd, view):]
+        write_line(self._fd, sample)
         return sample
 
     def close(self) -> None:

@@ -262,7 +262,7 @@ class CsvTail:
             if self._consumed_len:
                 self._suspect = True  # deleted; it may be recreated
             if self._error is not None:
-                raise self._error
+                raise self._error from None
             return []
         new: list[dict[str, float]] = []
         with f:

@@ -370,7 +370,11 @@ def check(type_: str, fields: Json) -> str | None:
 # ------------------------------------------------------------------------------ the text of an event
 @dataclass(frozen=True)
 class Line:
-    """What an event says: about which node, the words, and a style for the dashboard."""
+    """What an event says: about which node, the words, and a style for the dashboard.
+
+    `node` is None for a line about the whole run; a node-scoped event with no node (the ideas
+    agent) has node "-".
+    """
 
     node: str | None
     text: str
@@ -486,7 +490,7 @@ _DESCRIBE: dict[str, Describer] = {
                                      + f": {clip_words(e.get('reason'), 160)}"
                                      + (" (the server may have billed the abandoned call)"
                                         if e.get("billed_maybe") else ""), "error"),
-    "tokens_spent": lambda e, s: Line(None, _tokens(e, s)),
+    "tokens_spent": lambda e, s: Line("", _tokens(e, s)),
     "edits_applied": lambda e, s: Line(e.get("id"), f"committed {str(e.get('commit'))[:10]} on {e.get('branch')} "
                                                     f"({', '.join(e.get('files') or []) or 'no change'})"),
     "edits_rejected": lambda e, s: Line(e.get("id"), f"edits rejected: {clip_words(e.get('reason'), 200)}", "error"),
@@ -517,6 +521,20 @@ _DESCRIBE: dict[str, Describer] = {
 }
 
 
+def _scoped(line: Line | None, event: Json) -> Line | None:
+    """Events about a node name it ("-" when the event has no node, as the ideas agent's)."""
+    if line is None or line.node is not None or str(event.get("type")) not in NODE_SCOPED:
+        return line
+    return Line("-", line.text, line.style)
+
+
+NODE_SCOPED = frozenset({
+    "node_created", "agent_started", "agent_finished", "agent_failed", "agent_retry", "tokens_spent",
+    "edits_applied", "edits_rejected", "stage_started", "stage_finished", "metric_row", "node_evaluated",
+    "node_failed", "node_pruned", "node_pinned", "node_unpinned", "fork_requested",
+})
+
+
 def describe(event: Json, state: RunState | None = None) -> Line | None:
     """The one human text of an event (None for events too chatty to show, such as GPU samples).
 
@@ -528,7 +546,7 @@ def describe(event: Json, state: RunState | None = None) -> Line | None:
     describer = _DESCRIBE.get(kind)
     if describer is None:
         return Line(None, f"unknown event {kind!r} (written by another looptree version?)", "error")
-    return describer(event, state)
+    return _scoped(describer(event, state), event)
 
 
 def markdown_table() -> str:

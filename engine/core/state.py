@@ -8,12 +8,13 @@ be tested and replayed at any speed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from looptree.engine.core.schema import EVENT_TYPES
 from looptree.engine.core.metrics import MetricSpec, parse_header, priority_key
+from looptree.engine.core.schema import EVENT_TYPES
 
 TERMINAL = ("done", "failed")
 
@@ -113,14 +114,14 @@ class RunState:
 
     # -- folding ---------------------------------------------------------------------------
     @classmethod
-    def from_events(cls, events: Iterable[dict[str, Any]]) -> "RunState":
+    def from_events(cls, events: Iterable[dict[str, Any]]) -> RunState:
         state = cls()
         for event in events:
             state.apply(event)
         return state
 
     @classmethod
-    def load(cls, run_dir: Path) -> "RunState":
+    def load(cls, run_dir: Path) -> RunState:
         """Fold a run directory's event log in one streaming pass (tree, show, ctl, resume).
 
         GPU samples are left out unparsed: older logs kept them among the events, and they are

@@ -25,8 +25,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from looptree.engine.errors import ConfigError, EditRejected
 from wcmatch import glob
+
+from looptree.engine.errors import ConfigError, EditRejected
 
 Kind = Literal["writable", "readonly", "hidden", "outside"]
 

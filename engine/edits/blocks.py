@@ -21,7 +21,6 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 from looptree.engine.edits.access import AccessPolicy
 from looptree.engine.errors import EditError, EditParseError, SearchNotFound
@@ -61,7 +60,7 @@ class UnifiedDiff:
     hunks_text: str
 
 
-Edit = Union[EditBlock, WholeFile, UnifiedDiff]
+Edit = EditBlock | WholeFile | UnifiedDiff
 
 
 @dataclass
@@ -496,7 +495,7 @@ class _Doc:
     bom: bool = False
 
     @classmethod
-    def from_text(cls, text: str) -> "_Doc":
+    def from_text(cls, text: str) -> _Doc:
         bom = text.startswith("\ufeff")
         if bom:
             text = text[1:]
@@ -749,7 +748,10 @@ def _parse_hunks(text: str, path: str) -> list[_Hunk]:
         raise EditParseError(f"the diff for {path} has no @@ hunks")
     for h in hunks:  # drop the empty lines models leave after the last real line
         while h.tags and h.tags[-1] == " " and h.body[-1] == "" and h.old and h.new:
-            h.tags.pop(); h.body.pop(); h.old.pop(); h.new.pop()
+            h.tags.pop()
+            h.body.pop()
+            h.old.pop()
+            h.new.pop()
     return hunks
 
 

@@ -26,15 +26,16 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from looptree.engine.evaluation.executor import LocalExecutor
 from looptree.engine.core.config import Config
+from looptree.engine.core.metrics import Aggregate, CsvTail, MetricSpec, aggregate
 from looptree.engine.errors import LooptreeError, MetricsError
 from looptree.engine.evaluation.evidence import RunRecord, shape_of, suspect_reason
-from looptree.engine.core.metrics import Aggregate, CsvTail, MetricSpec, aggregate
+from looptree.engine.evaluation.executor import LocalExecutor
 from looptree.engine.evaluation.procs import Limits, ProcResult, run_command
 from looptree.engine.evaluation.sandbox import Sandbox, command_env
 
@@ -74,7 +75,7 @@ def _failure_reason(stage: str, command: str, result: ProcResult, timeout: float
 def _plain_reason(stage: str, command: str, result: ProcResult, timeout: float) -> str:
     if result.timed_out:
         return f"{stage} timed out after {timeout:g} s (`{command}`; the whole process tree was killed)"
-    last = next((l.strip() for l in reversed(result.tail.splitlines()) if l.strip()), "")
+    last = next((line.strip() for line in reversed(result.tail.splitlines()) if line.strip()), "")
     why = f": {last[:300]}" if last else ""
     signum = -result.rc if result.rc is not None and result.rc < 0 else (
         result.rc - 128 if result.rc is not None and 128 < result.rc < 160 else None)  # the shell's 128+N
@@ -92,7 +93,7 @@ class _NoWatch:
 
     problem: str | None = None
 
-    async def __aenter__(self) -> "_NoWatch":
+    async def __aenter__(self) -> _NoWatch:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -376,11 +377,14 @@ class Evaluator:
             # Alternate which side goes first (PC CP PC …) so drift does not favour either.
             order = ["parent", "candidate"] if index % 2 == 0 else ["candidate", "parent"]
             for side in order:
-                if side == "parent" and reference_dir is None:
-                    continue
+                if side == "parent":
+                    if reference_dir is None or ref_env is None:
+                        continue
+                    where, side_env = reference_dir, ref_env
+                else:
+                    where, side_env = project_dir, env
                 _late_bytes(last.get(side))
-                run = await self._bench_once(node_id, reference_dir if side == "parent" else project_dir, node_dir,
-                                             job_tag, ref_env if side == "parent" else env, emit, device, index, side)
+                run = await self._bench_once(node_id, where, node_dir, job_tag, side_env, emit, device, index, side)
                 last[side] = run
                 if side == "parent":
                     if not run.ok:  # the parent misbehaving is not the candidate's fault: stop comparing

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
 from looptree.engine.evaluation.sandbox import MemoryPlan, Sandbox, memory_plan
 
 __all__ = [
@@ -448,7 +449,7 @@ async def _terminate(proc: asyncio.subprocess.Process, job_tag: str) -> None:
         with contextlib.suppress(psutil.Error):
             victim.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + TERM_GRACE_S
-    while time.monotonic() < deadline and any(_alive(v) for v in victims):
+    while time.monotonic() < deadline and any(_alive(v) for v in victims):  # noqa: ASYNC110 - other processes: no event to wait on
         await asyncio.sleep(0.02)
     _killpg(pgid, signal.SIGKILL)
 

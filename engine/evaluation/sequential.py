@@ -25,14 +25,23 @@ Pure numpy/scipy; no I/O.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 from scipy.stats import norm
 
 _GRID = 401  # points per look; the boundaries' error in alpha is below 1e-6 (checked against 4001)
+
+
+def _normal_tail(b: float, *, s: float) -> float:
+    return float(norm.sf(b / s))
+
+
+def _mixture_tail(b: float, *, g: np.ndarray, w: np.ndarray, s: float) -> float:
+    return float(np.dot(w, norm.sf((b - g) / s)))
 
 
 def look_schedule(first: int, cap: int) -> tuple[int, ...]:
@@ -73,14 +82,11 @@ def nominal_levels(looks: tuple[int, ...], alpha: float) -> tuple[float, ...]:
     for t in fractions:
         target = spent(t, alpha) - already_spent
         step_sd = math.sqrt(t - previous_t)
-        if grid is None:
-            def tail(b: float) -> float:
-                return float(norm.sf(b / step_sd))
-        else:
-            weights = _trapezoid(grid) * density
-
-            def tail(b: float, g: np.ndarray = grid, w: np.ndarray = weights, s: float = step_sd) -> float:
-                return float(np.dot(w, norm.sf((b - g) / s)))
+        tail: Callable[[float], float]
+        if grid is None:  # the first look: the statistic is still a plain normal
+            tail = functools.partial(_normal_tail, s=step_sd)
+        else:  # later looks: the surviving density, moved on by one more normal step
+            tail = functools.partial(_mixture_tail, g=grid, w=_trapezoid(grid) * density, s=step_sd)
         bound = _solve_bound(tail, target, scale=math.sqrt(t))
         levels.append(float(norm.sf(bound / math.sqrt(t))))
         already_spent += tail(bound)
@@ -140,7 +146,9 @@ def level_at(n: int, first: int, cap: int, alpha: float, min_p: Callable[[int], 
 
 def look_level(n: int, first: int, cap: int, alpha: float, *, paired: bool) -> float:
     """The level the evaluator tests at after ``n`` pairs, for the rank test it uses."""
-    from looptree.engine.evaluation.stats import smallest_p  # local: stats is the consumer's module, keep this one leaf-like
+    from looptree.engine.evaluation.stats import (
+        smallest_p,  # local: stats is the consumer's module, keep this one leaf-like
+    )
 
     return level_at(n, first, cap, alpha, min_p=lambda k: smallest_p(k, k, paired=paired))
 

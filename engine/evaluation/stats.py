@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from scipy.stats import mannwhitneyu, wilcoxon
@@ -185,7 +186,7 @@ def compare(
     if paired and p.size != c.size:
         raise ValueError(f"paired comparison needs as many parent as candidate runs ({p.size} vs {c.size})")
     if filter_outliers and not paired:
-        p, c = np.asarray(iqr_filter(p)), np.asarray(iqr_filter(c))
+        p, c = np.asarray(iqr_filter(p.tolist())), np.asarray(iqr_filter(c.tolist()))
     floor = 0.0 if noise_floor is None else max(0.0, float(noise_floor))
     better_alt, worse_alt = ("less", "greater") if lower_is_better else ("greater", "less")
     if paired:

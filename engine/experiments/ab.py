@@ -39,8 +39,8 @@ from looptree.engine.core.config import (
     merge_tables,
     resolve_config,
 )
-from looptree.engine.errors import ConfigError, LooptreeError
 from looptree.engine.core.events import EventLog, RunLock, read_events
+from looptree.engine.errors import ConfigError, LooptreeError
 from looptree.engine.experiments.catalog import RunRef, summarize_run
 from looptree.engine.experiments.sprt import PairOutcome, Sequential
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.errors import LooptreeError
 from looptree.engine.core.events import read_events
 from looptree.engine.core.state import NodeState, RunState
+from looptree.engine.errors import LooptreeError
 
 EXPERIMENT_LOG = "events.jsonl"  # an experiment directory's own log starts with experiment_started
 SKIP_DIRS = {".git", "worktrees", "nodes", "llm", "node_modules", "__pycache__"}

@@ -214,7 +214,8 @@ class Sequential:
         self.pairs += 1
         if pair.success_test != pair.success_control:
             self.success.update(1 if pair.success_test else -1)
-        if _usable(pair.ratio_control) and _usable(pair.ratio_test):
+        if (pair.ratio_control is not None and pair.ratio_test is not None
+                and _usable(pair.ratio_control) and _usable(pair.ratio_test)):
             self.speedup.update(math.log(pair.ratio_test) - math.log(pair.ratio_control))
 
     def feed(self, pairs: Iterable[PairOutcome]) -> Sequential:

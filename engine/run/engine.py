@@ -10,39 +10,45 @@ redone from a fresh worktree.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 
-from looptree.engine.vcs import gitops
-
-from looptree.engine.run import search
-from looptree.engine.edits.access import AccessPolicy
 from looptree.engine.agents.calls import AgentCaller, ideas_failure, make_backend
-from looptree.engine.core.config import Config, validate_config
-from looptree.engine.edits.access import check_patterns
-from looptree.engine.run.control import ControlTail, control_key, new_budget
-from looptree.engine.edits.blocks import apply_edits, parse_change_reply
-from looptree.engine.errors import BudgetExhausted, EditError, GitError, LooptreeError
-from looptree.engine.cluster.factory import make_executor
-from looptree.engine.evaluation.evaluator import EvalOutcome, Evaluator
-from looptree.engine.vcs.guard import RepoGuard
-from looptree.engine.core.events import EventLog, RunLock, TelemetryLog
-from looptree.engine.core.schema import SCHEMA_VERSION
+from looptree.engine.agents.components import call_components, template_hashes
 from looptree.engine.agents.llm.budget import TokenBudget
 from looptree.engine.agents.llm.types import LLMBackend
+from looptree.engine.agents.prompts import (
+    PromptBuilder,
+    format_results,
+    load_templates,
+    parse_ideas,
+    prompt_hash,
+    scrubber_for,
+)
+from looptree.engine.cluster.factory import make_executor
+from looptree.engine.core.config import Config, validate_config
+from looptree.engine.core.events import EventLog, RunLock, TelemetryLog
 from looptree.engine.core.metrics import MetricSpec, parse_header
-from looptree.engine.evaluation.procs import kill_jobs_with_prefix, run_limits
-from looptree.engine.agents.prompts import PromptBuilder, format_results, load_templates, parse_ideas, prompt_hash, scrubber_for
-from looptree.engine.agents.components import call_components, template_hashes
 from looptree.engine.core.runs import check_resumable, node_dir, runs_root, worktrees_root
-from looptree.engine.evaluation.sandbox import resolve_sandbox
+from looptree.engine.core.schema import SCHEMA_VERSION
 from looptree.engine.core.state import NodeState, RunState
+from looptree.engine.edits.access import AccessPolicy, check_patterns
+from looptree.engine.edits.blocks import apply_edits, parse_change_reply
+from looptree.engine.errors import BudgetExhausted, EditError, GitError, LooptreeError
+from looptree.engine.evaluation.evaluator import EvalOutcome, Evaluator
+from looptree.engine.evaluation.procs import kill_jobs_with_prefix, run_limits
+from looptree.engine.evaluation.sandbox import resolve_sandbox
+from looptree.engine.run import search
+from looptree.engine.run.control import ControlTail, control_key, new_budget
+from looptree.engine.vcs import gitops
+from looptree.engine.vcs.guard import RepoGuard
 from looptree.gpu.devices.slots import DeviceSlots, env_for, parse_devices
 from looptree.gpu.devices.telemetry import TelemetryBackend, choose_backend, sample_loop
 
@@ -50,14 +56,6 @@ CONTROL_POLL_S = 0.2
 
 
 KILL_RECHECK_S = 1.0  # how often a kill that has not taken effect is repeated
-
-class _nullcontext:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
 
 class _Stop(Exception):
     """Raised inside the search when the run must end (budget spent, user stop)."""
@@ -148,7 +146,7 @@ class Engine:
     # -- construction ----------------------------------------------------------------------
     @classmethod
     async def create(cls, project_dir: Path, config: Config, *, run_dir: Path | None = None,
-                     backend: LLMBackend | None = None, telemetry: TelemetryBackend | None = None) -> "Engine":
+                     backend: LLMBackend | None = None, telemetry: TelemetryBackend | None = None) -> Engine:
         """Start run N+1: numbered run dir, lock, baseline snapshot, `run_started`."""
         project_dir = project_dir.resolve()
         check_patterns(config, project_dir)
@@ -194,7 +192,7 @@ class Engine:
 
     @classmethod
     async def reopen(cls, run_dir: Path, *, backend: LLMBackend | None = None,
-                     telemetry: TelemetryBackend | None = None) -> "Engine":
+                     telemetry: TelemetryBackend | None = None) -> Engine:
         """Resume: take the lock, fold the log, clear what the dead engine left (processes, worktrees)."""
         run_dir = run_dir.resolve()
         if not (run_dir / "events.jsonl").exists():
@@ -282,7 +280,7 @@ class Engine:
         await asyncio.gather(control, telemetry, *self.fork_tasks, return_exceptions=True)
         try:  # nothing of the run may outlive it, on this machine or on any worker
             await asyncio.wait_for(self.executor.close(), 120)
-        except (Exception, asyncio.TimeoutError):
+        except (TimeoutError, Exception):
             pass
         try:
             self.telemetry.close()
@@ -290,15 +288,16 @@ class Engine:
             pass
         try:
             await asyncio.wait_for(self.caller.aclose(), 10)
-        except (Exception, asyncio.TimeoutError):
+        except (TimeoutError, Exception):
             pass
 
     def _finish(self, reason: str) -> None:
         if self.log._fd < 0:
             return
         if self.state.finished is None:
+            best = self.state.best()
             self.emit("run_finished", reason=reason, tokens=self.budget.spent, evaluated=self.state.evaluated,
-                      best=(self.state.best().id if self.state.best() else None))
+                      best=best.id if best else None)
         self.log.close()
         self.lock.release()
 
@@ -609,11 +608,11 @@ class Engine:
         shape_ref = self._reference_for(node)  # its recorded shape: the yardstick for forged rows
         ref_wt = worktrees_root(self.run_dir) / f"{node.id}.ref"
         await self._gate()
-        kind = "gpu" if self.gpu_devices else "cpu"
+        kind: Literal["gpu", "cpu"] = "gpu" if self.gpu_devices else "cpu"
         try:  # on a cluster the executor's lease is the slot (one bench per worker, its own lock)
-            async with self.bench_slots if kind == "cpu" and not self.remote else _nullcontext():
+            async with self.bench_slots if kind == "cpu" and not self.remote else contextlib.nullcontext():
                 async with self.slots.acquire(kind, holder=node.id) as device, \
-                        (self._device_lock(node.id, device) if not self.remote else _nullcontext()):
+                        (self._device_lock(node.id, device) if not self.remote else contextlib.nullcontext()):
                     await self._gate()
                     for name in ("build.log", "check.log", "bench.log", "bench_metrics.csv", "parent_bench.log",
                                  "parent_build.log"):
@@ -787,10 +786,12 @@ class Engine:
             self._main_task.cancel()
 
     def handle_command(self, command: dict[str, Any]) -> None:
-        cmd, node_id = command.get("cmd"), command.get("id")
+        cmd, node_id = command.get("cmd"), str(command.get("id") or "")
         offset = command.get("_offset", self.control.offset)
-        if node_id is not None and node_id not in self.state.nodes:
+        if node_id and node_id not in self.state.nodes:
             raise LooptreeError(f"no node {node_id} in run {self.state.run}")
+        if cmd in ("prune", "pin", "unpin", "kill", "fork") and not node_id:
+            raise LooptreeError(f"{cmd} needs a node ID")
         if cmd == "pause" and not self.state.paused:
             self.emit("run_paused", control_offset=offset)
             self.unpaused.clear()

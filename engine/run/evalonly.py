@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.vcs import gitops
 from looptree.engine.core.config import load_config
-from looptree.engine.evaluation.evaluator import Evaluator
 from looptree.engine.core.metrics import MetricSpec
+from looptree.engine.evaluation.evaluator import Evaluator
+from looptree.engine.vcs import gitops
 
 _NODE_ID = re.compile(r"^\d+(\.\d+)*$")
 
@@ -63,10 +63,11 @@ async def eval_refs(project: Path, refs: list[str], *, repeats: int | None, conf
                 def emit(type_: str, **fields: Any) -> None:
                     if type_ == "stage_finished" and not json_mode:
                         status = "ok" if fields.get("ok") else f"FAILED: {fields.get('reason')}"
-                        print(f"{label}: {fields.get('stage')} {status}", file=sys.stderr)
+                        print(f"{label}: {fields.get('stage')} {status}", file=sys.stderr)  # noqa: B023 - runs within this iteration
                 # the same machine-wide device lock as a run: an eval never times beside a run's bench
                 async with hold_async(lock_key, f"looptree eval {label} in {project}", on_wait=lambda who: print(
-                        f"{label}: waiting for device lock {lock_key}, held by {who}", file=sys.stderr, flush=True)):
+                        f"{label}: waiting for device lock {lock_key}, held by {who}",  # noqa: B023 - runs within this iteration
+                        file=sys.stderr, flush=True)):
                     outcome = await evaluator.evaluate(node_id=f"eval{index}", project_dir=repo.project_in(wt),
                                                        node_dir=Path(tmp) / f"logs{index}", run_dir=Path(tmp),
                                                        job_tag=f"lt-eval-{index}", emit=emit, repeats=repeats,

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.errors import LooptreeError
 from looptree.engine.core.metrics import MetricSpec
 from looptree.engine.core.runs import node_dir
+from looptree.engine.core.schema import ci_text, clip_words  # re-exported: the dashboard reads them here
 from looptree.engine.core.state import NodeState, RunState
+from looptree.engine.errors import LooptreeError
 
 STATUS_MARK = {"done": "ok", "failed": "FAILED", "pending": "pending", "generating": "agent",
                "generated": "queued", "evaluating": "running"}
@@ -33,17 +34,6 @@ def _metric_text(node: NodeState, specs: list[MetricSpec] | None) -> str:
     return "  ".join(f"{s.name}={node.metrics[s.column]:.4g}" for s in cols if s.column in node.metrics)
 
 
-def ci_text(verdict: dict) -> str:
-    """`90% CI 0.91–0.98`: the interval with the coverage it really has.
-
-    The level changes with the look (alpha spending), so it is read from the verdict; verdicts
-    from runs made before it was recorded say only "CI".
-    """
-    level = verdict.get("ci_level")
-    head = f"{level * 100:.3g}% CI" if isinstance(level, (int, float)) else "CI"
-    return f"{head} {verdict.get('ci_low', 0):.3g}–{verdict.get('ci_high', 0):.3g}"
-
-
 def verdict_text(node: NodeState) -> str:
     """`  [better than 1.2: 0.41x, 95% CI 0.38–0.45]`: the noise-aware call against the reference."""
     v = node.verdict
@@ -55,18 +45,6 @@ def verdict_text(node: NodeState) -> str:
 
 REASON_WIDTH = 100  # characters of a failure reason per line of `tree`
 REASON_LINES = 6  # lines of it before `tree` points at `show`
-
-
-def clip_words(text: str | None, limit: int) -> str:
-    """`text` on one line, at most `limit` characters, cut between words (never inside one) with "…"."""
-    text = " ".join((text or "").split())
-    if len(text) <= limit:
-        return text
-    cut = text[: limit - 1]
-    space = cut.rfind(" ")
-    if space > limit // 3:  # a very long first word is cut after all, rather than lost
-        cut = cut[:space]
-    return cut.rstrip(" ,;:") + "…"
 
 
 def wrap_reason(reason: str | None, node_id: str) -> list[str]:

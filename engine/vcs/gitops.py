@@ -57,7 +57,7 @@ async def git(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout:
         raise GitError(f"git {args[0]} could not start: {exc}") from None
     try:
         out, err = await asyncio.wait_for(proc.communicate(input_bytes), timeout)
-    except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+    except (TimeoutError, asyncio.CancelledError) as exc:
         try:
             proc.kill()
         except ProcessLookupError:

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.vcs import gitops
 from looptree.engine.errors import GitError
+from looptree.engine.vcs import gitops
 
 RUN_BRANCHES = "refs/heads/looptree/"
 SKIP_TOP = (".git", ".looptree")
@@ -257,7 +257,7 @@ class RepoGuard:
         return problems
 
     async def _repair_branches(self) -> list[str]:
-        problems = []
+        problems: list[str] = []
         want = self.branches()
         if not want:
             return problems

@@ -12,8 +12,9 @@ import csv
 import io
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 ITERATION = "iteration"
 
@@ -86,7 +87,7 @@ class MetricsWriter:
     def close(self) -> None:
         self._fh.close()
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from looptree.engine.errors import NoGpu
 
@@ -62,7 +63,7 @@ class TimingResult:
     @classmethod
     def from_times(
         cls, times_ms: list[float], device: str, method: str, note: str = "", wall_times_ms: list[float] | None = None
-    ) -> "TimingResult":
+    ) -> TimingResult:
         if not times_ms:
             raise ValueError("no timing trials")
         return cls(

@@ -24,9 +24,10 @@ import os
 import re
 import socket
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any
 
 POLL_S = 0.2
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")

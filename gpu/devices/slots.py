@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Literal, Sequence
+from typing import Literal
 
 from looptree.engine.errors import ConfigError, LooptreeError
 

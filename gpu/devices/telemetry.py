@@ -16,10 +16,11 @@ import asyncio
 import inspect
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from looptree.engine.errors import ConfigError, LooptreeError, NoGpu  # NoGpu: re-exported for callers
+from looptree.engine.errors import ConfigError, NoGpu  # NoGpu: re-exported for callers
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +269,7 @@ class NvmlDriver:
 
     def throttle_mask(self, i: int) -> int:
         # Newer drivers call these "clocks event reasons"; older bindings only have "throttle".
-        fn = getattr(self._nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
-            self._nv, "nvmlDeviceGetCurrentClocksThrottleReasons"
-        )
+        fn = getattr(self._nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or self._nv.nvmlDeviceGetCurrentClocksThrottleReasons
         return int(fn(self._h(i)))
 
     def processes(self, i: int) -> list[tuple[int, int | None]]:
@@ -460,6 +459,57 @@ def _sample_all(backend: TelemetryBackend) -> list[DeviceSample | BaseException]
     return out
 
 
+async def poll_in_thread(
+    fetch: Callable[[], list[Any]],
+    interval_s: float,
+    consume: Callable[[Any], Awaitable[None] | None],
+    stop: asyncio.Event,
+    *,
+    timeout_s: float,
+    what: str,
+) -> None:
+    """Call the blocking ``fetch`` in a thread every ``interval_s`` until ``stop``; consume each item.
+
+    Why this shape: NVML calls and a cluster's sampling round block, so each round runs in a
+    thread; a round never overlaps the previous one (a slow or hung round is awaited again next
+    time rather than started twice, so threads never pile up), and the loop waits only the
+    remainder of the interval so the cadence holds. A failing round or consumer is logged and
+    skipped: telemetry must never take the run down.
+    """
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[list[Any]] | None = None
+    try:
+        while not stop.is_set():
+            started = loop.time()
+            if pending is None:
+                pending = asyncio.ensure_future(asyncio.to_thread(fetch))
+            items: list[Any] = []
+            try:
+                items = await asyncio.wait_for(asyncio.shield(pending), timeout_s)
+                pending = None
+            except TimeoutError:
+                log.warning("%s took over %.1fs; waiting for it before sampling again", what, timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a failed round is skipped, not fatal
+                log.warning("%s failed: %s: %s", what, type(exc).__name__, exc)
+                pending = None
+            for item in items:
+                try:
+                    maybe = consume(item)
+                    if inspect.isawaitable(maybe):
+                        await maybe
+                except Exception as exc:  # noqa: BLE001 - a consumer bug must not stop sampling
+                    log.warning("%s: a sample was skipped: %s: %s", what, type(exc).__name__, exc)
+            remaining = interval_s - (loop.time() - started)
+            if remaining > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), remaining)
+                except TimeoutError:
+                    pass
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
 async def sample_loop(
     backend: TelemetryBackend,
     interval_s: float,
@@ -468,45 +518,17 @@ async def sample_loop(
     *,
     sample_timeout_s: float | None = None,
 ) -> None:
-    """Sample every device every ``interval_s`` until ``stop`` is set.
+    """Sample every device every ``interval_s`` until ``stop`` is set (see `poll_in_thread`)."""
 
-    Why this shape: NVML calls block, so each tick runs in a thread; a tick never overlaps the
-    previous one (a slow or hung query is awaited again next tick rather than started twice),
-    and the loop waits only the remainder of the interval so the cadence holds. A raising
-    sample or ``emit`` is logged and skipped; telemetry must never take the run down.
-    """
-    loop = asyncio.get_running_loop()
-    timeout = sample_timeout_s if sample_timeout_s is not None else max(interval_s * 5, 5.0)
-    pending: asyncio.Future[list[DeviceSample | BaseException]] | None = None
-    while not stop.is_set():
-        started = loop.time()
-        if pending is None:
-            pending = asyncio.ensure_future(asyncio.to_thread(_sample_all, backend))
-        results: list[DeviceSample | BaseException] = []
-        try:
-            results = await asyncio.wait_for(asyncio.shield(pending), timeout)
-            pending = None
-        except TimeoutError:
-            log.warning("GPU sampling took over %.1fs; waiting for it before sampling again", timeout)
-        except Exception as exc:  # noqa: BLE001 - a failed tick is skipped, not fatal
-            log.warning("GPU sampling failed: %s: %s", type(exc).__name__, exc)
-            pending = None
-        for item in results:
-            if isinstance(item, BaseException):
-                log.debug("GPU sample failed: %s: %s", type(item).__name__, item)
-                continue
-            try:
-                maybe = emit(item)
-                if inspect.isawaitable(maybe):
-                    await maybe
-            except Exception as exc:  # noqa: BLE001 - a consumer bug must not stop sampling
-                log.warning("GPU sample consumer failed: %s: %s", type(exc).__name__, exc)
-        remaining = interval_s - (loop.time() - started)
-        if remaining > 0:
-            try:
-                await asyncio.wait_for(stop.wait(), remaining)
-            except TimeoutError:
-                pass
+    def consume(item: DeviceSample | BaseException) -> Awaitable[None] | None:
+        if isinstance(item, BaseException):  # one device's query failed: the others still count
+            log.debug("GPU sample failed: %s: %s", type(item).__name__, item)
+            return None
+        return emit(item)
+
+    await poll_in_thread(lambda: _sample_all(backend), interval_s, consume, stop,
+                         timeout_s=sample_timeout_s if sample_timeout_s is not None else max(interval_s * 5, 5.0),
+                         what="GPU sampling")
 
 
 # --------------------------------------------------------------------------- `looptree gpus`

@@ -39,13 +39,13 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from looptree.engine.core.config import Config, load_config
 from looptree.engine.errors import ConfigError, LooptreeError
-from looptree.gpu.kernelbench.runner import KB_COMMIT
 from looptree.gpu.kernelbench.problems import (
     COMPILE,
     EAGER,
@@ -56,12 +56,13 @@ from looptree.gpu.kernelbench.problems import (
     SPEEDUP_EAGER,
     Problem,
     fast_p,
-    geomean_speedup,
     find_solution,
+    geomean_speedup,
     list_problems,
     make_task_project,
     normalize_level,
 )
+from looptree.gpu.kernelbench.runner import KB_COMMIT
 
 EVAL_JSON = "kb_eval.json"
 EVAL_LOG = "kb_eval.log"
@@ -515,8 +516,9 @@ def _names_oom(reason: str) -> bool:
 
 
 def _process_failure(proc: Any, timeout: float, log: Path) -> str:
-    lines = [l.strip() for l in proc.tail.splitlines() if l.strip()]
-    stage = next((l.split("] ", 1)[1] for l in reversed(lines) if l.startswith("kb_bench: [") and "] " in l), "")
+    lines = [line.strip() for line in proc.tail.splitlines() if line.strip()]
+    stage = next((line.split("] ", 1)[1] for line in reversed(lines)
+                  if line.startswith("kb_bench: [") and "] " in line), "")
     where = f" (last stage: {stage})" if stage else ""
     if proc.timed_out:
         return (f"bench timed out after {timeout:g} s{where} (the whole process tree was killed; "

@@ -16,8 +16,9 @@ still reach into this module, which is why the bench also keeps a clock outside 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any
 
 _MISSING = object()
 

@@ -25,10 +25,10 @@ import re
 import shlex
 import stat
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
 
 from looptree.engine.errors import LooptreeError
 

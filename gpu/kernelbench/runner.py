@@ -55,10 +55,11 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from looptree.gpu.bench import timing as _timing  # takes the clock now, before any candidate code
 from looptree.gpu.kernelbench.problems import (
@@ -770,6 +771,7 @@ def _calibrate(pairs: int = 20) -> None:
 def write_metrics(path: str, result: BenchResult) -> None:
     from looptree.gpu.bench.report import MetricsWriter
 
+    columns: tuple[str, ...]
     if result.runtime_ms is None:
         row = {EAGER: result.eager_ms, COMPILE: result.compile_ms}
         columns = REFERENCE_COLUMNS

@@ -21,7 +21,8 @@ import random
 import sys
 import time
 import traceback
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 ITERATIONS = 3
 NUM_VALUES = 2800          # count_smaller_right input length

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from looptree.engine.errors import BudgetExhausted
 from looptree.engine.agents.llm.pricing import PriceTable
 from looptree.engine.agents.llm.types import (
     LLMBackend,
@@ -36,6 +35,7 @@ from looptree.engine.agents.llm.types import (
     LLMResponse,
     prompt_token_bound,
 )
+from looptree.engine.errors import BudgetExhausted
 
 log = logging.getLogger("looptree.llm.budget")
 

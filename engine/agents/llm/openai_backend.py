@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import openai
+
 from looptree.engine.agents.llm.providers import Endpoint
 from looptree.engine.agents.llm.ratelimit import RateLimiter
 from looptree.engine.agents.llm.recorder import CallRecorder

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from looptree.engine.errors import ConfigError, LooptreeError
 from looptree.engine.agents.llm.providers import Endpoint, resolve_endpoint
 from looptree.engine.agents.llm.redact import redact_text
 from looptree.engine.agents.llm.serverinfo import auth_headers, discover_slots
 from looptree.engine.agents.llm.types import one_line
+from looptree.engine.errors import ConfigError, LooptreeError
 
 try:  # the transport under the openai client (httpx, or httpx2 in newer releases)
     import httpx2 as httpx

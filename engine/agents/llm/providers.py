@@ -10,8 +10,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from looptree.engine.errors import ConfigError
 from looptree.engine.agents.llm.redact import register_secret
+from looptree.engine.errors import ConfigError
 
 # Sent to local servers that want no key: the openai client refuses an empty one.
 LOCAL_DUMMY_KEY = "not-needed"

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.errors import ConfigError
 from looptree.engine.agents.llm.recorder import CALLS_FILE, CallRecorder, request_hash
 from looptree.engine.agents.llm.types import (
     CassetteExhausted,
@@ -29,6 +28,7 @@ from looptree.engine.agents.llm.types import (
     estimate_text_tokens,
     last_user_message,
 )
+from looptree.engine.errors import ConfigError
 
 log = logging.getLogger("looptree.llm.replay")
 
