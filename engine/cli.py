@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--color", default=None)
 
-    p = sub.add_parser("attach", help="dashboard on a run that another process drives")
+    p = sub.add_parser("attach", help="dashboard on a run that another process drives (or on an A/B experiment directory)")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--color", default=None)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ import pytest
 # Every event any test makes looptree write is checked against its class in engine/core/schema.py
 # (subprocesses inherit it): a field the schema does not define fails the test that wrote it.
 os.environ["LOOPTREE_STRICT_EVENTS"] = "1"
+# Device locks are machine-wide: the suite takes its own folder, so it never waits on (nor leaves
+# lock files beside) a real run's, and two suites on one machine do not serialise each other.
+os.environ["LOOPTREE_LOCK_DIR"] = tempfile.mkdtemp(prefix="looptree-test-locks-")
 
 RT = "runtime_ms (lower is better)"
 
