@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("kernelbench", help="optimize KernelBench-format problems, one run each")
-    from looptree.gpu.kernelbench.cli import add_arguments  # light: the sweep itself is imported on use
+    from looptree.gpu.kernelbench.arguments import add_arguments  # argparse only: the sweep is imported on use
 
     add_arguments(p)
 
