@@ -50,8 +50,8 @@ async def test_the_engine_writes_the_cluster_gpus_to_telemetry(tmp_path: Path) -
         calls.append(threading.current_thread().name)
         return fake_cluster()
 
-    engine.cluster_sampler = sampler  # the seam: a Ray run's default is sample_cluster
-    engine.cluster_sample_interval = 0.05
+    engine.telemetry_recorder.cluster_sampler = sampler  # the seam: a Ray run's default is sample_cluster
+    engine.telemetry_recorder.cluster_sample_interval = 0.05
     await run_to_end(engine)
     samples = list(read_events(engine.run_dir / "telemetry.jsonl"))
     devices = {s["device"] for s in samples}

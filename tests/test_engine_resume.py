@@ -65,9 +65,9 @@ async def test_a_paused_run_stays_paused_after_resume(tmp_path: Path) -> None:
     crash(engine)
     again = await Engine.reopen(engine.run_dir)
     try:
-        assert again.state.paused and not again.unpaused.is_set()
+        assert again.state.paused and again.gate.paused
         again.handle_command({"cmd": "resume"})
-        assert again.unpaused.is_set() and not again.state.paused
+        assert not again.gate.paused and not again.state.paused
     finally:
         crash(again)
 
@@ -75,7 +75,7 @@ async def test_a_paused_run_stays_paused_after_resume(tmp_path: Path) -> None:
 async def test_a_fork_in_flight_at_the_crash_is_finished_on_resume(tmp_path: Path) -> None:
     project = make_project(tmp_path)
     engine = await Engine.create(project, config())
-    await engine._ensure_baseline()
+    await engine.search.ensure_baseline()
     engine.emit("fork_requested", id="1", hint="make it three")
     engine.emit("node_created", id="1.1", parent="1", phase=0, kind="fork", hint="make it three")
     crash(engine)

@@ -117,6 +117,9 @@ class EventLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         # In-process listeners (the state fold first, then printers) see each event once it is on disk.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        #: the event this writer appended last (a printer attached late starts from it, without
+        #: reading the log back)
+        self.last: dict[str, Any] | None = None
 
     @property
     def seq(self) -> int:
@@ -139,12 +142,17 @@ class EventLog:
         if self.fsync:
             os.fsync(self._fd)
         self._seq += 1
+        self.last = event
         for listener in self.listeners:
             listener(event)
         return event
 
     def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
         self.listeners.append(listener)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
 
     def close(self) -> None:
         if self._fd >= 0:

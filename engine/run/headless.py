@@ -14,7 +14,6 @@ import os
 import signal
 from dataclasses import dataclass
 
-from looptree.engine.core.events import read_events
 from looptree.engine.run.printer import Printer
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -42,8 +41,8 @@ def exit_status_for(sig: signal.Signals | None) -> int | None:
 
 async def drive(engine, *, json_mode: bool = False) -> Driven:  # engine: engine.engine.Engine
     printer = Printer(engine.state, json_mode=json_mode)
-    for event in read_events(engine.run_dir / "events.jsonl")[-1:]:
-        printer(event)  # run_started / engine_attached, written before the printer was attached
+    if engine.log.last is not None:  # run_started / engine_attached, written before the printer was attached
+        printer(engine.log.last)
     engine.listeners.append(printer)
     loop = asyncio.get_running_loop()
     received: list[signal.Signals] = []

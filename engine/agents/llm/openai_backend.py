@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx2 as _httpx  # the openai client's own transport (declared in pyproject)
 import openai
 
 from looptree.engine.agents.llm.providers import Endpoint
@@ -52,11 +53,6 @@ from looptree.engine.agents.llm.types import (
     one_line,
     prompt_token_bound,
 )
-
-try:  # the transport under the openai client (httpx, or httpx2 in newer releases)
-    import httpx2 as _httpx
-except ImportError:  # pragma: no cover - depends on the installed openai
-    import httpx as _httpx  # type: ignore[no-redef]
 
 log = logging.getLogger("looptree.llm.openai")
 

@@ -15,16 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx2 as httpx  # the openai client's own transport (declared in pyproject)
+
 from looptree.engine.agents.llm.providers import Endpoint, resolve_endpoint
 from looptree.engine.agents.llm.redact import redact_text
 from looptree.engine.agents.llm.serverinfo import auth_headers, discover_slots
 from looptree.engine.agents.llm.types import one_line
 from looptree.engine.errors import ConfigError, LooptreeError
-
-try:  # the transport under the openai client (httpx, or httpx2 in newer releases)
-    import httpx2 as httpx
-except ImportError:  # pragma: no cover - depends on the installed openai
-    import httpx  # type: ignore[no-redef]
 
 CHECK_TIMEOUT_S = 10.0
 # A one-token reply from a busy single-slot server can take a while: it is not a failure.

@@ -14,12 +14,9 @@ import asyncio
 import logging
 from typing import Any
 
-from looptree.engine.agents.llm.types import message_text, template_overhead_bound
+import httpx2 as httpx  # the openai client's own transport (declared in pyproject)
 
-try:  # the transport under the openai client (httpx, or httpx2 in newer releases)
-    import httpx2 as httpx
-except ImportError:  # pragma: no cover - depends on the installed openai
-    import httpx  # type: ignore[no-redef]
+from looptree.engine.agents.llm.types import message_text, template_overhead_bound
 
 log = logging.getLogger("looptree.llm.serverinfo")
 
