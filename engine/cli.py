@@ -245,7 +245,9 @@ def _run_with_dashboard(args: argparse.Namespace, project: Path, config) -> int:
 def _spawn_and_attach(argv: list[str], run_dir: Path, color: str | None) -> int:
     log_path = run_dir / "engine.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "looptree.engine.cli", *argv], stdin=subprocess.DEVNULL,
+        # -P: the current directory (the user's project) is not put on sys.path, so a project of
+        # its own with a `looptree/` folder cannot stand in for the engine.
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "looptree.engine.cli", *argv], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True, cwd=os.getcwd())
     deadline = time.monotonic() + 60
     events = run_dir / "events.jsonl"

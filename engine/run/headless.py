@@ -13,8 +13,12 @@ import asyncio
 import os
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from looptree.engine.run.printer import Printer
+
+if TYPE_CHECKING:
+    from looptree.engine.run.engine import Engine
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
@@ -39,7 +43,7 @@ def exit_status_for(sig: signal.Signals | None) -> int | None:
     return 128 + int(sig)
 
 
-async def drive(engine, *, json_mode: bool = False) -> Driven:  # engine: engine.engine.Engine
+async def drive(engine: Engine, *, json_mode: bool = False) -> Driven:
     printer = Printer(engine.state, json_mode=json_mode)
     if engine.log.last is not None:  # run_started / engine_attached, written before the printer was attached
         printer(engine.log.last)
