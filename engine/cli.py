@@ -242,12 +242,19 @@ def _run_with_dashboard(args: argparse.Namespace, project: Path, config) -> int:
     return _spawn_and_attach(argv, run_dir, args.color)
 
 
+def engine_command(argv: list[str]) -> list[str]:
+    """The command line of an engine process started behind the dashboard.
+
+    `-P`: the current directory (often the user's project) is not put on sys.path, so a project
+    with a `looptree/` folder of its own cannot stand in for the engine.
+    """
+    return [sys.executable, "-P", "-m", "looptree.engine.cli", *argv]
+
+
 def _spawn_and_attach(argv: list[str], run_dir: Path, color: str | None) -> int:
     log_path = run_dir / "engine.log"
     with open(log_path, "ab") as log:
-        # -P: the current directory (the user's project) is not put on sys.path, so a project of
-        # its own with a `looptree/` folder cannot stand in for the engine.
-        proc = subprocess.Popen([sys.executable, "-P", "-m", "looptree.engine.cli", *argv], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(engine_command(argv), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True, cwd=os.getcwd())
     deadline = time.monotonic() + 60
     events = run_dir / "events.jsonl"

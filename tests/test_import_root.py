@@ -83,3 +83,18 @@ def test_a_project_with_its_own_engine_app_gpu_styles_runs_to_the_end(wheel: Pat
     engine_file = subprocess.run([sys.executable, "-c", "import looptree.engine.cli as m; print(m.__file__)"],
                                  cwd=project, env=env, capture_output=True, text=True, check=True).stdout
     assert engine_file.startswith(str(site))
+
+
+def test_the_engine_started_behind_the_dashboard_ignores_a_projects_own_looptree_folder(tmp_path: Path) -> None:
+    from looptree.engine.cli import engine_command
+
+    hostile = tmp_path / "looptree"
+    hostile.mkdir()
+    (hostile / "__init__.py").write_text("raise SystemExit('the project looptree package was imported')\n")
+    started = subprocess.run(engine_command(["--help"]), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert "looptree" in started.stdout
+    # The same command without -P imports the project's folder: the case this guards against.
+    plain = [arg for arg in engine_command(["--help"]) if arg != "-P"]
+    shadowed = subprocess.run(plain, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert shadowed.returncode != 0 and "project looptree package" in shadowed.stderr
