@@ -37,6 +37,13 @@ from looptree.engine.errors import LooptreeError, MetricsError
 from looptree.engine.evaluation.evidence import RunRecord, shape_of, suspect_reason
 from looptree.engine.evaluation.executor import LocalExecutor
 from looptree.engine.evaluation.procs import Limits, ProcResult, run_command
+from looptree.engine.evaluation.safefiles import (
+    ProtectedFiles,
+    UnsafePath,
+    open_beneath,
+    relative_beneath,
+    unlink_beneath,
+)
 from looptree.engine.evaluation.sandbox import Sandbox, command_env
 
 Emit = Callable[..., Any]
@@ -67,9 +74,20 @@ def _tail_text(result: ProcResult, lines: int = 40) -> str:
     return "\n".join(result.tail.splitlines()[-lines:])
 
 
+def printable(text: str) -> str:
+    """``text`` with control and format characters shown as ``\\xNN``/``\\uNNNN``: a reason quotes the
+    command's output, and every reason is printed to the user's terminal (`--no-tui`), where an
+    escape sequence the code under test chose could rewrite the screen, retitle the window or set
+    the clipboard (OSC 52), and a bidirectional override could make a line read as another."""
+    if text.isprintable():
+        return text
+    return "".join(c if c in "\n\t" or c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in text)
+
+
 def _failure_reason(stage: str, command: str, result: ProcResult, timeout: float) -> str:
     reason = _plain_reason(stage, command, result, timeout)
-    return f"{reason} ({result.note})" if result.note else reason
+    return printable(f"{reason} ({result.note})" if result.note else reason)
 
 
 def _plain_reason(stage: str, command: str, result: ProcResult, timeout: float) -> str:
@@ -119,6 +137,61 @@ class _BenchRun:
     worker: dict[str, Any] | None = None  # where it ran (executor lease): both sides of a pair must match
 
 
+class _SafeTail(CsvTail):
+    """``CsvTail`` on a file in the candidate's worktree, read without ever following a link.
+
+    Each read opens the file component by component with ``O_NOFOLLOW`` (``safefiles``) and
+    hands the tail the descriptor's ``/proc/self/fd`` name, so what is parsed is the regular file
+    the bench wrote, not a symlink swapped in to make the engine read the user's hidden files,
+    home or another run (into the metrics and the failure reason, both of which reach prompts),
+    nor a FIFO that would block the engine's ``open``.
+    """
+
+    def __init__(self, root: Path, rel: str, *, absent: Path, label: str) -> None:
+        super().__init__(root / rel, label=label)
+        self._root, self._rel, self._real, self._absent = root, rel, root / rel, absent
+
+    def _read(self, final: bool) -> list[dict[str, float]]:
+        try:
+            fd = open_beneath(self._root, self._rel)
+        except UnsafePath as exc:
+            raise MetricsError(printable(f"metrics file {exc}")) from None
+        try:
+            # None: not there (yet); `absent` is a name nobody creates, the tail's "missing" case.
+            self.path = self._absent if fd is None else Path(f"/proc/self/fd/{fd}")
+            return super()._read(final)
+        finally:
+            self.path = self._real
+            if fd is not None:
+                os.close(fd)
+
+    def size_now(self) -> int | None:
+        try:
+            fd = open_beneath(self._root, self._rel)
+        except (UnsafePath, OSError):
+            return None
+        if fd is None:
+            return None
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+
+def _metrics_tail(project_dir: Path, metrics: str, node_dir: Path) -> CsvTail:
+    """The tail of the bench's metrics file: link-safe inside the worktree, plain for a host path."""
+    rel = relative_beneath(project_dir, metrics)
+    if rel is None or not Path("/proc/self/fd").is_dir():
+        return CsvTail(project_dir / metrics)
+    return _SafeTail(project_dir, rel, absent=node_dir / ".looptree-no-metrics" / "absent", label=Path(rel).name)
+
+
+MAX_LIVE_ROWS = 2000
+"""``metric_row`` events per bench run, at most: every row still counts (and is kept in
+bench_metrics.csv), but a bench writing 100,000 rows per repeat must not grow the event log,
+which every resume, attach and `tree` reads, by megabytes per node (the dashboard keeps 2,000)."""
+
+
 class _StopBench(Exception):
     """Raised from the bench's tick hook to have run_command kill the bench (its metrics are already bad)."""
 
@@ -143,6 +216,8 @@ class Evaluator:
     # one worker its lease holds, so both sides of an interleaved pair share a device.
     executor: Any = None
     _protect_cache: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    # Per worktree being evaluated: its read-only files as checked out, verified after every command.
+    _intact: dict[str, ProtectedFiles] = field(default_factory=dict, repr=False)
 
     def _executor(self) -> Any:
         if self.executor is None:
@@ -165,6 +240,11 @@ class Evaluator:
     def _watch(self, node_id: str, stage: str) -> Any:
         return self.guard.watch(node_id, stage) if self.guard is not None else _NoWatch()
 
+    def _tampered(self, project_dir: Path, stage: str) -> str | None:
+        """Why the command just run left the worktree's read-only files changed, or None."""
+        intact = self._intact.get(str(project_dir))
+        return intact.reason(stage) if intact is not None else None
+
     def _env(self, node_id: str, run_dir: Path, metrics_path: Path, extra: dict[str, str]) -> dict[str, str]:
         # Agent-written code runs here: an allow-listed environment (engine.sandbox), never the LLM
         # API keys the run pays with nor anything that leads to the run directory.
@@ -183,13 +263,15 @@ class Evaluator:
         return node_dir / f"sandbox-{side}" if self.sandbox is not None else None
 
     def _protected(self, project_dir: Path) -> tuple[str, ...]:
-        """The project's readonly and hidden files in this worktree: read-only to sandboxed commands.
+        """The read-only binds of a sandboxed command: the worktree's readonly and hidden files."""
+        return self._readonly_files(project_dir) if self.sandbox is not None else ()
+
+    def _readonly_files(self, project_dir: Path) -> tuple[str, ...]:
+        """The project's readonly and hidden files in this worktree: read-only to its commands.
 
         So a candidate's code cannot rewrite bench.py or check.py for its next repeat. Listed once
         per worktree (the policy's walk prunes folders no pattern reaches).
         """
-        if self.sandbox is None:
-            return ()
         key = str(project_dir)
         if key not in self._protect_cache:
             if len(self._protect_cache) > 512:  # one entry per worktree path; the lists never go stale
@@ -222,8 +304,9 @@ class Evaluator:
                                        private_dir=self._private(log_path.parent, "parent" if quiet else "candidate"),
                                        protect=self._protected(project_dir),
                                        device=device if isinstance(device, int) else None)
-        ok = result.rc == 0 and not result.timed_out and not watch.problem
-        reason = None if ok else watch.problem or _failure_reason(stage, command, result, timeout)
+        tampered = self._tampered(project_dir, stage)
+        ok = result.rc == 0 and not result.timed_out and not watch.problem and not tampered
+        reason = None if ok else watch.problem or tampered or _failure_reason(stage, command, result, timeout)
         if not quiet:
             emit("stage_finished", id=node_id, stage=stage, ok=ok, rc=result.rc,
                  duration_s=round(result.duration_s, 4), reason=reason, worker=self._worker())
@@ -243,7 +326,19 @@ class Evaluator:
         except LooptreeError as exc:  # no worker to run on: this node fails, the run goes on
             return EvalOutcome(False, "worker", str(exc))
 
-    async def _evaluate(self, *, node_id: str, project_dir: Path, node_dir: Path, run_dir: Path,
+    async def _evaluate(self, *, project_dir: Path, reference_dir: Path | None = None, **kwargs: Any) -> EvalOutcome:
+        """Snapshot each worktree's read-only files before its first command, then run the stages."""
+        dirs = [d for d in (project_dir, reference_dir) if d is not None]
+        for folder in dirs:
+            files = await asyncio.to_thread(self._readonly_files, folder)
+            self._intact[str(folder)] = await asyncio.to_thread(ProtectedFiles, folder, files)
+        try:
+            return await self._stages(project_dir=project_dir, reference_dir=reference_dir, **kwargs)
+        finally:
+            for folder in dirs:
+                self._intact.pop(str(folder), None)
+
+    async def _stages(self, *, node_id: str, project_dir: Path, node_dir: Path, run_dir: Path,
                         job_tag: str, emit: Emit, device_env: dict[str, str] | None = None,
                         device: Any = None, repeats: int | None = None,
                         reference_dir: Path | None = None,
@@ -284,13 +379,17 @@ class Evaluator:
                           emit: Emit, device: Any, repeat: int, side: str) -> _BenchRun:
         cfg = self.config.bench
         metrics_path = project_dir / cfg.metrics
-        try:
-            metrics_path.unlink(missing_ok=True)
-        except OSError as exc:  # a directory or an unwritable path left by the candidate
+        rel = relative_beneath(project_dir, cfg.metrics)
+        try:  # never through a folder the candidate turned into a link (that would delete outside)
+            if rel is None:
+                metrics_path.unlink(missing_ok=True)
+            else:
+                unlink_beneath(project_dir, rel)
+        except (OSError, UnsafePath) as exc:  # a directory or an unwritable path left by the candidate
             return _BenchRun(False, stage="metrics",
-                             reason=f"could not remove the old metrics file {cfg.metrics} before the bench: {exc}")
+                             reason=printable(f"could not remove the old metrics file {cfg.metrics} before the bench: {exc}"))
         preexisting = metrics_path.exists() or metrics_path.is_symlink()
-        tail = CsvTail(metrics_path)
+        tail = _metrics_tail(project_dir, cfg.metrics, node_dir)
         rows: list[dict[str, float]] = []
         columns: list[str] = []
 
@@ -304,8 +403,12 @@ class Evaluator:
                 iteration = tail.iterations[index] if 0 <= index < len(tail.iterations) else len(rows)
                 arrived = round(tail.arrived[index] - started, 4) if 0 <= index < len(tail.arrived) else None
                 rows.append(row)
-                emit("metric_row", id=node_id, repeat=repeat, iteration=iteration, values=row, columns=columns,
-                     side=side, arrived_s=arrived)
+                if len(rows) <= MAX_LIVE_ROWS:
+                    emit("metric_row", id=node_id, repeat=repeat, iteration=iteration, values=row, columns=columns,
+                         side=side, arrived_s=arrived)
+                elif len(rows) == MAX_LIVE_ROWS + 1:
+                    emit("message", text=f"{node_id}: more than {MAX_LIVE_ROWS} metric rows in one bench run "
+                                         f"({side}, repeat {repeat}): the rest are counted but not shown live")
 
         metrics_error: list[MetricsError] = []
 
@@ -333,9 +436,10 @@ class Evaluator:
             result = ProcResult(rc=None, timed_out=False, cancelled=True, duration_s=time.monotonic() - started,
                                 log_path=node_dir / log_name, tail="")
         ran_s = time.monotonic() - started  # by the engine's clock, before the final read
-        ok = result.rc == 0 and not result.timed_out and not watch.problem
-        reason = None if ok else watch.problem or _failure_reason("bench", cfg.command, result, cfg.timeout)
-        stage = None if ok else ("bench" if watch.problem else "timeout" if result.timed_out else "bench")
+        tampered = self._tampered(project_dir, "bench")
+        ok = result.rc == 0 and not result.timed_out and not watch.problem and not tampered
+        reason = None if ok else watch.problem or tampered or _failure_reason("bench", cfg.command, result, cfg.timeout)
+        stage = None if ok else ("bench" if watch.problem or tampered else "timeout" if result.timed_out else "bench")
         if metrics_error:
             ok, reason, stage = False, str(metrics_error[0]), "metrics"
         if ok:
@@ -372,6 +476,7 @@ class Evaluator:
         target = repeats
         cap = max(repeats, cfg.max_repeats) if reference_dir is not None else repeats
         verdict: dict[str, Any] | None = None
+        parent_columns: list[str] | None = None
         while len(cand_rows) < target:
             index = len(cand_rows)
             # Alternate which side goes first (PC CP PC …) so drift does not favour either.
@@ -394,11 +499,17 @@ class Evaluator:
                         target = min(target, cap)
                         continue
                     parent_rows.append(run.rows)
+                    parent_columns = parent_columns or ([s.column for s in run.specs] if run.specs else None)
                     if run.record is not None:
                         records["parent"].append(run.record)
                     continue
                 if not run.ok:
                     return EvalOutcome(False, run.stage, run.reason, run.tail)
+                mine = [s.column for s in run.specs] if run.specs else None
+                if reference_dir is not None and parent_columns and mine and mine != parent_columns:
+                    # The bench is read-only: the parent's run of it names the columns a node reports.
+                    return EvalOutcome(False, "metrics", f"metrics columns {mine} differ from the parent's "
+                                                         f"{parent_columns} (the bench decides the columns)", "")
                 if specs is None:
                     specs = run.specs
                 elif run.specs and [s.column for s in run.specs] != [s.column for s in specs]:

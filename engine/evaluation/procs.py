@@ -23,7 +23,13 @@ Bounded resources: a memory ceiling per command (a cgroup v2 group when ``Limits
 names a writable one, ``RLIMIT_DATA`` otherwise; never ``RLIMIT_AS``, which breaks CUDA), and a
 log cap (``Limits.log_bytes``): while the command runs, the middle of an over-long output is
 punched out of the file, and at the end the head and the tail are kept with a line saying how
-many bytes were cut.
+many bytes were cut. ``RLIMIT_DATA`` bounds each process alone (four children, or one shared
+mapping, went past it), ``RLIMIT_NPROC`` does not hold for a command mapped to root, and nothing
+bounded the disk: so a watchdog looks at the running command every ``MEMORY_CHECK_S`` and kills
+its tree when the memory of all its processes together (PSS) passes the ceiling, when it runs
+more than ``Limits.processes`` processes and threads, or when it takes the file system of its
+worktree, HOME or extra writable folders below ``Limits.disk_free_mb`` free (or below
+``Limits.disk_free_inodes`` free inodes); ``run_limits`` sets these caps.
 
 Output goes to a log *file* (never a pipe): no deadlock on chatty output, and the log is kept
 for ``looptree show``. Each call appends a header line (the command) and a footer line (rc,
@@ -42,13 +48,13 @@ import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from looptree.engine.evaluation.sandbox import MemoryPlan, Sandbox, memory_plan
+from looptree.engine.evaluation.sandbox import MemoryPlan, Sandbox, SandboxRefused, memory_plan
 
 __all__ = [
     "JOB_ENV",
@@ -98,6 +104,39 @@ class Limits:
     memory_mb: int | None = None  # the memory ceiling: a cgroup v2 group, else RLIMIT_DATA
     cgroup_parent: str | None = None  # a writable cgroup v2 folder with the memory controller on
     log_bytes: int | None = None  # output kept per command (head + tail); None keeps everything
+    processes: int | None = None  # RLIMIT_NPROC: tasks (processes and threads) at once; a fork bomb stops there
+    disk_free_mb: int | None = None  # the free space the command may not take its folders' file systems below
+    disk_free_inodes: int | None = None  # likewise for free inodes (a million empty files fill a disk too)
+
+
+def default_processes(cpus: int | None = None, pid_max: int | None = None) -> int:
+    """Tasks one command may run at once (RLIMIT_NPROC and the watchdog, threads included).
+
+    A fork or thread bomb stops there instead of exhausting the machine's PIDs (``pid_max`` is
+    32768 on many kernels), while a parallel build or a bench with a thread per core in each of
+    its processes stays below it: 64 per CPU, at least 8192, at most half of ``pid_max``.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    if pid_max is None:
+        try:
+            with open("/proc/sys/kernel/pid_max") as fh:
+                pid_max = int(fh.read())
+        except (OSError, ValueError):
+            pid_max = 32768
+    return max(1024, min(max(8192, 64 * cpus), pid_max // 2))
+
+
+DEFAULT_PROCESSES = default_processes()
+
+DEFAULT_DISK_FREE_MB = 1024
+"""A command that takes the file system holding its worktree (or HOME, or extra writable folders)
+below this much free space is stopped: a candidate must never fill the user's disk."""
+
+DEFAULT_DISK_FREE_INODES = 50_000
+"""Likewise for inodes, on file systems that have a fixed number (ext4): empty files cost no bytes."""
+
+MEMORY_CHECK_S = 0.25
+"""How often the memory of a command's whole process tree is summed when no cgroup bounds it."""
 
 
 def run_limits(config: Any) -> tuple[Limits, MemoryPlan]:
@@ -107,7 +146,8 @@ def run_limits(config: Any) -> tuple[Limits, MemoryPlan]:
     bench = config.bench
     limits = Limits(cpu_seconds=bench.cpu_limit_s or None, open_files=bench.open_files,
                     memory_mb=plan.limit_mb, cgroup_parent=plan.cgroup_parent,
-                    log_bytes=int(bench.log_limit_mb * 1024 * 1024))
+                    log_bytes=int(bench.log_limit_mb * 1024 * 1024), processes=default_processes(),
+                    disk_free_mb=DEFAULT_DISK_FREE_MB, disk_free_inodes=DEFAULT_DISK_FREE_INODES)
     return limits, plan
 
 
@@ -196,6 +236,9 @@ def _rlimit_pairs(limits: Limits) -> list[tuple[int, tuple[int, int]]]:
     if limits.memory_mb is not None and limits.cgroup_parent is None:
         data = max(16, int(limits.memory_mb)) * 1024 * 1024
         clamp(resource.RLIMIT_DATA, data, data)
+    if limits.processes is not None:
+        nproc = max(16, int(limits.processes))
+        clamp(resource.RLIMIT_NPROC, nproc, nproc)
     if not limits.core_dump:
         _, core_hard = resource.getrlimit(resource.RLIMIT_CORE)
         pairs.append((resource.RLIMIT_CORE, (0, core_hard)))
@@ -465,6 +508,149 @@ class _Run:
     cgroup: Path | None = None
     punched: int = 0
     sweep: bool = True  # scan the process table for tagged leftovers (a sandbox's PID namespace needs none)
+    disk: dict[str, tuple[int, int]] = field(default_factory=dict)  # watched folder -> (free bytes, inodes) at start
+    over: str = ""  # the limit the watchdog stopped the command at (memory summed over its tree, disk)
+
+
+def _pss_kb(pid: int) -> int:
+    """A process's proportional share of memory (shared pages split between their users), in KiB.
+
+    PSS, not RSS: the pages a fork shares with its parent count once over the tree, while shared
+    anonymous memory (``MAP_SHARED``, which ``RLIMIT_DATA`` does not count) counts in full.
+    """
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            data = fh.read(4096)
+        at = data.find(b"\nPss:")
+        if at >= 0:
+            return int(data[at + 5:].split(None, 1)[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # no smaps_rollup (old kernel, or not ours to read): resident size
+        return int(psutil.Process(pid).memory_info().rss // 1024)
+    except psutil.Error:
+        return 0
+
+
+def _children(pid: int, counted: list[int]) -> list[int] | None:
+    """Direct children from ``/proc/<pid>/task/*/children`` (None: the kernel does not list them);
+    ``counted[0]`` grows by the process's tasks (its threads: each takes a PID of the machine's)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []  # gone
+    counted[0] += len(tasks)
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as fh:
+                found += [int(x) for x in fh.read().split()]
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}/children") and os.path.exists(f"/proc/{pid}/task/{tid}"):
+                return None  # a kernel without CONFIG_PROC_CHILDREN
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _tree_pids(pid: int) -> tuple[list[int], int]:
+    """(``pid`` and every descendant, their tasks counted with threads): a sandbox's daemons are
+    descendants of its namespace's init.
+
+    The kernel's per-task children lists cost in proportion to the tree, not to the machine's
+    process table; psutil's full scan is the fallback.
+    """
+    tree: list[int] = []
+    todo, counted = [pid], [0]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        kids = _children(current, counted)
+        if kids is None:
+            try:
+                procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+                return [p.pid for p in procs], sum(_threads(p) for p in procs)
+            except psutil.Error:
+                return [pid], 1
+        todo += kids
+    return tree, counted[0]
+
+
+def _threads(proc: psutil.Process) -> int:
+    try:
+        return int(proc.num_threads())
+    except psutil.Error:
+        return 0
+
+
+def _free(path: str) -> tuple[int, int] | None:
+    """(free bytes, free inodes) of the file system holding ``path`` (what an unprivileged user may take)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize, st.f_favail
+
+
+def _disk_watch(limits: Limits, folders: Sequence[Path | None]) -> dict[str, tuple[int, int]]:
+    """One folder per file system the command may write, with its free space and inodes now."""
+    if limits.disk_free_mb is None and limits.disk_free_inodes is None:
+        return {}
+    watched: dict[str, tuple[int, int]] = {}
+    devices: set[int] = set()
+    for folder in folders:
+        if folder is None:
+            continue
+        try:
+            dev = os.stat(folder).st_dev
+        except OSError:
+            continue
+        free = _free(str(folder))
+        if dev not in devices and free is not None:
+            devices.add(dev)
+            watched[str(folder)] = free
+    return watched
+
+
+_DISK_SLACK = 16 * 1024 * 1024
+_INODE_SLACK = 1000
+"""Free space (inodes) a command may take below the floor when it started there already (its own logs)."""
+
+
+def _over_limits(pid: int, run: _Run) -> str:
+    """Why the running command must stop now ("" while it is within its limits).
+
+    Memory: where no cgroup bounds the tree, ``RLIMIT_DATA`` bounds each process alone (eight
+    children may each take it, and shared mappings escape it), so the tree is summed here. Disk:
+    the worktree and HOME are the user's disk, which no candidate may fill.
+    """
+    limits = run.limits
+    watch = limits.processes is not None or (limits.memory_mb is not None and run.cgroup is None)
+    pids, tasks = _tree_pids(pid) if watch else ([], 0)
+    # RLIMIT_NPROC does not hold for a command mapped to root (the kernel exempts root's user
+    # however deep the namespace): counted here too, threads included (each takes a PID).
+    if limits.processes is not None and tasks > limits.processes:
+        return (f"killed: it ran more than {limits.processes} processes and threads at once (a fork or "
+                "thread bomb?); the cap on a command's tasks")
+    if limits.memory_mb is not None and run.cgroup is None:
+        used = sum(_pss_kb(p) for p in pids) / 1024
+        if used > limits.memory_mb:
+            return (f"killed at the memory limit of {limits.memory_mb} MiB: its processes used {used:.0f} MiB "
+                    "together (bench.memory_limit_mb, summed over the command's processes)")
+    for folder, (bytes_then, inodes_then) in run.disk.items():
+        now = _free(folder)
+        if now is None:
+            continue
+        free, inodes = now
+        if limits.disk_free_mb is not None and free < limits.disk_free_mb * 1024 * 1024 \
+                and free < bytes_then - _DISK_SLACK:
+            return (f"killed: it took the disk holding {folder} below {limits.disk_free_mb} MiB free "
+                    f"({(bytes_then - free) // (1024 * 1024)} MiB written while it ran)")
+        if limits.disk_free_inodes is not None and 0 < inodes_then and inodes < limits.disk_free_inodes \
+                and inodes < inodes_then - _INODE_SLACK:
+            return (f"killed: it took the disk holding {folder} below {limits.disk_free_inodes} free inodes "
+                    f"({inodes_then - inodes} files created while it ran)")
+    return ""
 
 
 def _make_cgroup(limits: Limits, job_tag: str) -> Path | None:
@@ -595,16 +781,27 @@ async def run_command(
     child_env = dict(env)
     child_env[JOB_ENV] = job_tag
     argv = ["/bin/sh", "-c", command]
+    refused = ""
     if sandbox is not None and cwd.is_dir():  # a missing cwd fails below, the same as uncontained
-        argv, child_env = sandbox.wrap(argv, cwd=cwd, env=child_env, private_dir=private_dir, device=device,
-                                       protect=protect)
+        try:
+            argv, child_env = sandbox.wrap(argv, cwd=cwd, env=child_env, private_dir=private_dir, device=device,
+                                           protect=protect)
+        except SandboxRefused as exc:
+            refused = str(exc)
     fd, start = _open_log(log_path, command, job_tag, cwd, "bubblewrap" if sandbox is not None else "off")
+    if refused:  # never started: the reason is the log's only line and the failure's last one
+        with contextlib.suppress(OSError):
+            os.write(fd, f"looptree: the sandbox refused to run the command: {refused}\n".encode())
+        tail, _ = _finish_log(fd, start, None, 0.0, "refused")
+        return ProcResult(None, False, False, 0.0, log_path, tail)
     _running[job_tag] = False
     group = _make_cgroup(limits, job_tag)
     if group is None and limits.cgroup_parent is not None:  # no group after all: RLIMIT_DATA instead
         limits = replace(limits, cgroup_parent=None)
     # Contained, the command's processes all die with bwrap's PID namespace: no table scan needed.
     run = _Run(job_tag, fd, start, limits, group, sweep=sandbox is None)
+    extra = [Path(p) if os.path.isabs(p) else cwd / p for p in (sandbox.writable if sandbox is not None else ())]
+    run.disk = _disk_watch(limits, [cwd, private_dir, *extra])
     try:
         return await _run(argv, cwd, child_env, timeout, log_path, run, on_tick, tick_interval)
     finally:
@@ -646,6 +843,8 @@ async def _run(
     status = "exited"
     handed_off = False  # _after_exit (which closes fd) has been given to a worker thread
     cap = run.limits.log_bytes
+    watchdog = (run.limits.memory_mb is not None and run.cgroup is None) or bool(run.disk) \
+        or run.limits.processes is not None
     try:
         deadline = t0 + timeout
         while not wait_task.done():
@@ -656,10 +855,18 @@ async def _run(
             step = remaining if on_tick is None else min(tick_interval, remaining)
             if cap is not None:
                 step = min(step, LOG_CHECK_S)
+            if watchdog:
+                step = min(step, MEMORY_CHECK_S)
             await asyncio.wait({wait_task}, timeout=step)
             if cap is not None:
                 with contextlib.suppress(OSError):
                     run.punched = _punch_middle(fd, start, cap, run.punched)
+            if watchdog and not wait_task.done():
+                run.over = await asyncio.to_thread(_over_limits, proc.pid, run)
+                if run.over:
+                    status = "stopped at a limit"
+                    _killpg(proc.pid, signal.SIGKILL)  # no grace: memory or disk would go on growing
+                    break
             if on_tick is not None and not wait_task.done():
                 try:
                     # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result and
@@ -672,6 +879,8 @@ async def _run(
         if timed_out:
             status = "timed out"
             await _terminate(proc, job_tag)
+        elif run.over:
+            await _terminate(proc, job_tag)  # its group is dead; the tagged stragglers get the same
         await _reap(wait_task)
         duration = time.monotonic() - t0
         killed = _running.get(job_tag, False) and not timed_out
@@ -698,4 +907,4 @@ async def _run(
                 with contextlib.suppress(Exception):
                     _after_exit(proc.pid, run, proc.returncode, time.monotonic() - t0, status)
         raise
-    return ProcResult(proc.returncode, timed_out, killed, duration, log_path, tail, note, cut)
+    return ProcResult(proc.returncode, timed_out, killed, duration, log_path, tail, run.over or note, cut)

