@@ -87,8 +87,8 @@ class DashboardActions(_AppBase):
         def _select(self, node_id: str) -> None: ...
         def _log_lines(self, lines: list[tuple[str, str]]) -> None: ...
         def _apply_seek(self, seek: Seek) -> None: ...
-        def _redraw(self, force: bool = False) -> None: ...
-        def _update_header(self) -> None: ...
+        def _post_frame(self, *, force: bool = False, reset: bool = False) -> None: ...
+        def _tick(self) -> None: ...
         def _alive(self) -> bool: ...
 
     # -- actions: enabled or not ---------------------------------------------------------
@@ -283,14 +283,13 @@ class DashboardActions(_AppBase):
             return
         cursor.toggle()
         self._last_tick = time.monotonic()
-        self._update_header()
-        self._refresh_footer()
+        self._tick()  # the header's ▶/⏸ and the keys
 
     def action_step(self) -> None:
         if self.cursor is not None:
             self.cursor.playing = False
             self.view.apply_all(self.cursor.step())
-            self._redraw(force=True)
+            self._post_frame(force=True)
 
     def action_seek_by(self, percent: float) -> None:
         cursor = self.cursor
@@ -324,8 +323,7 @@ class DashboardActions(_AppBase):
     def action_speed(self, factor: float) -> None:
         if self.cursor is not None:
             speed = self.cursor.change_speed(float(factor))
-            self._update_header()
-            self._refresh_footer()
+            self._tick()
             self.notify(f"replay speed ×{speed:g}", timeout=2)
 
 

@@ -5,71 +5,71 @@ session; the dashboard folds the same event log every other reader folds and sen
 through the same file `looptree ctl` uses, so it can be closed, killed or reattached at any
 time without the run noticing.
 
-How it keeps up (200 events/s at 10k nodes on a 2-core box): events are read and folded as
-they come (`RunView.apply`, O(1)), but the screen is updated at most `refresh_hz` (10) times a
-second, inside one `batch_update()`, touching only the nodes and panels that changed. Spinners,
-the clock and the engine-lock check run on their own slow timers, and none of them run when the
-time is frozen (snapshot tests).
+How it keeps up (200 events/s at 10k nodes on a 2-core box): the feed, three `@work` workers,
+folds events into the `RunView` as they come (`RunView.apply`, O(1)): `_load` (a thread: the log
+so far), then `_tail` (live: what `feed.looks` reads of the run's logs, 10 times a second) or
+`_replay` (the replay cursor's advance, as often). After each look that folded something it posts
+a frame (`_post_frame`): the view's `Changes` as one `RunChanged`, so at most `refresh_hz` (10)
+frames a second however fast events arrive. The App handles it by publishing it on `run_changed`
+inside one `batch_update()`, and each widget redraws what the batch touched of its own slice
+(messages.py, widgets/base.py): the App names no widget to redraw. Spinners, the clock and the
+engine-lock check run on their own slow timers (`_every`) and post frames with an empty batch;
+none of them run when the time is frozen (snapshot tests).
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
-from rich.text import Text
-from textual import constants, on
+from textual import constants, on, work
 from textual.app import App, ComposeResult
 from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
+from textual.signal import Signal
 from textual.timer import Timer
-from textual.widgets import RichLog, Static, TabbedContent, TabPane, Tree
+from textual.widgets import TabbedContent, TabPane, Tree
 from textual.worker import Worker, WorkerState
 
 from looptree import styles
 from looptree.app.actions import BINDINGS, DashboardActions
 from looptree.app.commands import LooptreeCommands
-from looptree.app.files import DiffCache, parent_commit
-from looptree.app.labels import budget_text, header_text
-from looptree.app.model import RunView, now_or_frozen
+from looptree.app.feed import RunSource, looks
+from looptree.app.files import DiffCache
+from looptree.app.messages import RunChanged
+from looptree.app.model import Changes, RunView, now_or_frozen
 from looptree.app.replay import ReplayCursor, Seek
-from looptree.app.widgets.detail import DetailPanel, diff_renderable, info_text, logs_renderable
+from looptree.app.widgets.budget import BudgetGauges
+from looptree.app.widgets.detail import DetailPanel
+from looptree.app.widgets.event_log import EventLog
 from looptree.app.widgets.footer import LeanFooter
-from looptree.app.widgets.panels import GpuPanel, LiveRows, MetricPlot
+from looptree.app.widgets.gpu import GpuPanel
+from looptree.app.widgets.header import RunHeader
+from looptree.app.widgets.live_rows import LiveRows
+from looptree.app.widgets.metric_plot import MetricPlot
 from looptree.app.widgets.run_tree import RunTree
-from looptree.engine.core.events import EVENTS_NAME, TELEMETRY_NAME, EventTail, RunLock, iter_run, last_samples
+from looptree.engine.core.events import RunLock, iter_run
 from looptree.engine.core.state import NodeState
 from looptree.engine.errors import LooptreeError
 
 Mode = Literal["live", "replay"]
 CSS_FILE = Path(styles.__file__).parent / "dashboard.tcss"
 FROZEN_ENV = "LOOPTREE_FROZEN_TIME"
-
-LOG_LIMIT = 500
-LOG_STYLES = {"error": "red", "good": "green", "control": "magenta", "sent": "bold magenta", "": ""}
-
-
-def log_text(lines: list[tuple[str, str]]) -> Text:
-    """Many log lines as one Text: one RichLog.write per frame instead of one per event."""
-    text = Text(no_wrap=True, overflow="ellipsis")
-    for index, (line, style) in enumerate(lines):
-        if index:
-            text.append("\n")
-        text.append(line, style=LOG_STYLES.get(style, ""))
-    return text
+FEED_GROUP = "feed"  # the live tail or the replay: one worker that runs as long as the App
 
 
 @dataclass(frozen=True)
 class Periods:
     """Seconds between firings of each periodic task (tests shorten them to see every one fire).
 
-    `events` is not here: it follows `refresh_hz`.
+    `events` is not here: the feed looks at the run `refresh_hz` times a second.
     """
 
     gc_freeze: float = 300.0
@@ -119,41 +119,34 @@ class LooptreeApp(DashboardActions, App[int]):
         self.periods = periods or Periods()
         #: how often each periodic task has run: the long-session test reads it
         self.timer_firings: Counter[str] = Counter()
+        #: every frame, to every widget that subscribed (widgets/base.py)
+        self.run_changed: Signal[RunChanged] = Signal(self, "run_changed")
         self.view = RunView()
         self.cursor: ReplayCursor | None = None
         self.engine_alive: bool | None = None
         self.diffs = DiffCache()
         self.loaded = False
         self.error: str | None = None
-        self._tail = EventTail(self.run_dir / EVENTS_NAME)
-        self._samples = EventTail(self.run_dir / TELEMETRY_NAME)
+        self._source = RunSource(self.run_dir)
         self._selected_id: str | None = None
-        self._rows_node: str | None = None
         self._frame = 0
-        self._header_key: Any = None
-        self._budget_key: Any = None
-        self._binding_sig: Any = None
+        self._frames_waiting = 0  # frames with events posted and not yet drawn
+        self._binding_sig: object = None
         self._detail_pending = False
         self._footer_pending = False
-        self._plot_dirty = True
-        self._plot_at = 0.0
-        self._gpu_dirty = True
-        self._gpu_at = 0.0
-        self._logs_at = 0.0
         self._last_tick = time.monotonic()
         self._my_timers: list[Timer] = []
-        self.log_buffer: deque[tuple[str, str]] = deque(maxlen=LOG_LIMIT)
         if keymap:
             self.set_keymap(keymap)
 
     # -- layout --------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
-        yield Static(Text(" looptree  loading…"), id="header")
+        yield RunHeader(id="header")
         with Horizontal(id="body"):
             with Vertical(id="tree-pane"):
                 yield RunTree(id="tree")
             with Vertical(id="right"):
-                yield DetailPanel(id="detail")
+                yield DetailPanel(self.run_dir, diffs=self.diffs, id="detail")
                 with TabbedContent(id="panels", initial="tab-live"):
                     with TabPane("Live", id="tab-live"):
                         yield LiveRows(id="rows")
@@ -162,9 +155,9 @@ class LooptreeApp(DashboardActions, App[int]):
                     with TabPane("GPU", id="tab-gpu"):
                         yield GpuPanel(id="gpu")
                     with TabPane("Budget", id="tab-budget"):
-                        yield Static("", id="budget")
+                        yield BudgetGauges(id="budget")
                     with TabPane("Events", id="tab-events"):
-                        yield RichLog(id="events", max_lines=LOG_LIMIT, wrap=False, markup=False, highlight=False)
+                        yield EventLog(id="events")
         yield LeanFooter(compact=True)
 
     @property
@@ -178,53 +171,87 @@ class LooptreeApp(DashboardActions, App[int]):
     def on_mount(self) -> None:
         self.run_tree.focus()
         self.sub_title = f"{self.mode}: {self.run_dir}"
-        self.run_worker(self._load, thread=True, name="load", group="load", exit_on_error=False)
+        self._load()
 
-    # -- loading and ticking -------------------------------------------------------------
+    # -- the feed: load, tail, replay ----------------------------------------------------
+    @work(thread=True, exclusive=True, group="load", name="load", exit_on_error=False)
     def _load(self) -> None:
-        """Thread worker: read (and, live, fold) the whole log so far without blocking the UI."""
+        """Read (and, live, fold) the whole log so far without blocking the UI."""
         if self.mode == "replay":
             events = list(iter_run(self.run_dir))  # events and GPU samples, in time order
             self.cursor = ReplayCursor(events, speed=self.speed, playing=self.autoplay)
         else:
-            self.view.apply_all(self._tail.poll())
-            # Only the newest GPU samples matter to a viewer: start from the file's end.
-            try:
-                self._samples.offset = (self.run_dir / TELEMETRY_NAME).stat().st_size
-            except FileNotFoundError:
-                self._samples.offset = 0
-            self.view.apply_all(last_samples(self.run_dir))
+            self.view.apply_all(self._source.load())
             try:
                 self.engine_alive = RunLock.is_held(self.run_dir)
             except OSError:
                 self.engine_alive = None
 
+    @work(exclusive=True, group=FEED_GROUP, name="tail", exit_on_error=False)
+    async def _tail(self) -> None:
+        """Live: fold what each look at the run's logs found, and ask for a frame."""
+        async for events in looks(self._source.poll, 1.0 / self.refresh_hz):
+            if not self._alive():
+                return
+            self.timer_firings["events"] += 1
+            if events:
+                self.view.apply_all(events)
+            self._post_frame()  # also what a look skipped while the screen was busy
+
+    @work(exclusive=True, group=FEED_GROUP, name="replay", exit_on_error=False)
+    async def _replay(self) -> None:
+        """Replay: advance the cursor by the time that passed (scaled), fold, ask for a frame."""
+        self._last_tick = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0 / self.refresh_hz)
+            if not self._alive():
+                return
+            self.timer_firings["events"] += 1
+            self._advance()
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        dt, self._last_tick = now - self._last_tick, now
+        cursor = self.cursor
+        if cursor is None or not cursor.playing:
+            self._post_frame()  # a step or a seek may have left changes
+            return
+        events = cursor.advance(dt)
+        if events:
+            self.view.apply_all(events)
+        self._post_frame()
+        if not cursor.playing:
+            self._tick()
+            self.notify("end of the replay", timeout=3)
+
     @on(Worker.StateChanged)
     def _worker_changed(self, event: Worker.StateChanged) -> None:
         worker = event.worker
-        if worker.group == "load":
-            if event.state == WorkerState.SUCCESS:
-                self._start()
-            elif event.state == WorkerState.ERROR:
-                error = worker.error
-                self.error = str(error) if isinstance(error, LooptreeError) else f"could not read the run: {error!r}"
-                self.exit(2, return_code=2, message=self.error)
+        if worker.group not in ("load", FEED_GROUP):
+            return
+        if event.state == WorkerState.SUCCESS and worker.group == "load":
+            self._post_frame(force=True)  # the first frame; `_start` follows once it is drawn
+        elif event.state == WorkerState.ERROR:
+            error = worker.error
+            what = "read" if worker.group == "load" else "follow"
+            self.error = str(error) if isinstance(error, LooptreeError) else f"could not {what} the run: {error!r}"
+            self.exit(2, return_code=2, message=self.error)
 
     def _start(self) -> None:
+        """After the first frame is on screen: the feed and the periodic tasks."""
         self.loaded = True
-        self._redraw(force=True)  # also selects the first node
         if self.freeze_gc:
             gc.freeze()
             self._every(self.periods.gc_freeze, self._freeze_gc, "gc-freeze")
-        tick = self._live_tick if self.mode == "live" else self._replay_tick
-        self._last_tick = time.monotonic()
-        self._every(1.0 / self.refresh_hz, tick, "events")
+        if self.mode == "live":
+            self._tail()
+        else:
+            self._replay()
         if self.frozen_time is None:
             self._every(self.periods.spinner, self._spin, "spinner")
             self._every(self.periods.clock, self._clock, "clock")
         if self.mode == "live":
             self._every(self.periods.engine_lock, self._check_engine, "engine-lock")
-        self._refresh_footer()
 
     def _every(self, period: float, callback: Callable[[], object], name: str) -> None:
         """Run `callback` every `period` seconds, counted in `timer_firings`.
@@ -247,45 +274,15 @@ class LooptreeApp(DashboardActions, App[int]):
         gc.collect()
         gc.freeze()
 
-    def _live_tick(self) -> None:
-        if not self._alive():
-            return
-        events = self._tail.poll() + self._samples.poll()
-        if events:
-            self.view.apply_all(events)
-        self._redraw()
-
-    def _replay_tick(self) -> None:
-        if not self._alive():
-            return
-        now = time.monotonic()
-        dt, self._last_tick = now - self._last_tick, now
-        cursor = self.cursor
-        if cursor is None or not cursor.playing:
-            return
-        events = cursor.advance(dt)
-        if events:
-            self.view.apply_all(events)
-            self._redraw()
-        if not cursor.playing:
-            self._update_header()
-            self._refresh_footer()
-            self.notify("end of the replay", timeout=3)
-
     def _spin(self) -> None:
-        if not self._alive():
-            return
-        if not self.view.running:
+        if not self._alive() or not self.view.running:
             return
         self._frame += 1
-        tree = self.run_tree
-        tree.update_labels(self.view, tree.spinner_targets(self.view), self._frame)
+        self._tick()
 
     def _clock(self) -> None:
-        if not self._alive():
-            return
-        self._update_header()
-        self._update_budget()
+        if self._alive():
+            self._tick()
 
     def _check_engine(self) -> None:
         if not self._alive():
@@ -296,8 +293,7 @@ class LooptreeApp(DashboardActions, App[int]):
             alive = None  # unreadable lock (permissions, a flaky network filesystem): say nothing
         if alive != self.engine_alive:
             self.engine_alive = alive
-            self._update_header()
-            self._refresh_footer()
+            self._tick()
 
     def _alive(self) -> bool:
         """False while the app shuts down: a timer tick can still arrive after the screens are gone."""
@@ -309,118 +305,62 @@ class LooptreeApp(DashboardActions, App[int]):
             return self.view.state.last_ts or 0.0
         return now_or_frozen(self.frozen_time)
 
-    # -- drawing -------------------------------------------------------------------------
-    def _redraw(self, force: bool = False) -> None:
-        """Apply everything that changed since the last flush to the screen, in one batch."""
-        changes = self.view.take_changes()
-        if not (changes.any or force):
-            return
-        frame = None if self.frozen_time is not None else self._frame
-        view = self.view
-        with self.batch_update():
-            tree = self.run_tree
-            if changes.new_nodes:
-                tree.add_nodes(view, changes.new_nodes, frame)
-                if self._selected_id is None and tree.select_id(changes.new_nodes[0]):
-                    self._select(changes.new_nodes[0])
-            tree.update_labels(view, changes.dirty_nodes, frame)
-            self._update_header()
-            self._update_budget()
-            if self._selected_id in changes.dirty_nodes or force:
-                self._render_detail()
-            if changes.rows_node is not None:
-                self._rows_node = changes.rows_node
-            if changes.rows_changed or force or self._rows_node in changes.dirty_nodes:
-                self._sync_rows()  # also when its node finishes: the title's status and median change
-            if changes.gpu_changed:
-                self._gpu_dirty = True
-            self._maybe_gpu(force)
-            if changes.log_lines:
-                self._log_lines(changes.log_lines)
-            if changes.series_changed:
-                self._plot_dirty = True
-            self._maybe_plot(force=force)
-        self._refresh_footer()
+    # -- frames --------------------------------------------------------------------------
+    def _post_frame(self, *, force: bool = False, reset: bool = False) -> None:
+        """Post what the view folded since the last frame as one `RunChanged` (nothing if nothing).
 
-    def _log_lines(self, lines: list[tuple[str, str]]) -> None:
-        """Keep the last lines in a bounded deque; write them out only while the Events tab shows.
-
-        A hidden RichLog defers every write in an unbounded queue until it gets a size, which on a
-        run watched for hours with the tab never opened would grow without end.
+        The feed calls it once per look, and looks once per refresh period, so frames never come
+        faster than `refresh_hz` however fast events arrive: a look folds all of them. While the
+        last frame is still waiting to be drawn (a slow terminal, a huge first tree) the changes
+        stay in the view and go with a later look's frame, so frames never queue up.
         """
-        self.log_buffer.extend(lines)
-        if self._active_tab() == "tab-events":
-            self.query_one("#events", RichLog).write(log_text(lines[-LOG_LIMIT:]))
+        if self._frames_waiting and not (force or reset):
+            return
+        changes = self.view.take_changes()
+        if changes.any or force:
+            self._frames_waiting += 1
+            self.post_message(self._frame_of(changes, force=force, reset=reset))
 
-    def _active_tab(self) -> str:
-        return self.query_one("#panels", TabbedContent).active
+    def _tick(self) -> None:
+        """Only time moved (clock, spinner, engine lock, replay state): a frame with an empty batch."""
+        self.post_message(self._frame_of(Changes()))
 
-    def _update_header(self) -> None:
+    def _frame_of(self, changes: Changes, *, force: bool = False, reset: bool = False) -> RunChanged:
         replay = None
         cursor = self.cursor
         if cursor is not None:
             replay = (f"{'▶' if cursor.playing else '⏸'} replay {cursor.position}/{cursor.total} "
                       f"({cursor.percent:.0f}%) ×{cursor.speed:g}")
-        text = header_text(self.view, now=self.now(), engine_alive=self.engine_alive if self.mode == "live" else None,
-                           replay=replay, width=self.size.width)
-        key = (text.plain, len(text.spans))
-        if key != self._header_key:
-            self._header_key = key
-            self.query_one("#header", Static).update(text, layout=False)  # fixed height: no relayout
+        return RunChanged(self.view, changes, force=force, reset=reset,
+                          frame=None if self.frozen_time is not None else self._frame, now=self.now(),
+                          engine_alive=self.engine_alive if self.mode == "live" else None, replay=replay)
 
-    def _update_budget(self) -> None:
-        text = budget_text(self.view, now=self.now())
-        key = text.plain
-        if key != self._budget_key:
-            self._budget_key = key
-            self.query_one("#budget", Static).update(text, layout=False)
-
-    def _sync_rows(self) -> None:
-        if self._rows_node is not None and self._active_tab() == "tab-live":
-            self.query_one("#rows", LiveRows).sync(self.view, self._rows_node)
-
-    def _maybe_gpu(self, force: bool = False) -> None:
-        """GPU cells at most twice a second, and only while the GPU tab is shown."""
-        if not (self._gpu_dirty or force) or self._active_tab() != "tab-gpu":
+    @on(RunChanged)
+    def _run_changed(self, message: RunChanged) -> None:
+        """Hand the frame to every widget in one batch, then follow it with the selection and the keys."""
+        if not message.tick:
+            self._frames_waiting -= 1
+        if not self._alive():
             return
-        now = time.monotonic()
-        if not force and now - self._gpu_at < 0.5:
-            return
-        self._gpu_at = now
-        self._gpu_dirty = False
-        self.query_one("#gpu", GpuPanel).sync(self.view)
+        with self.batch_update():
+            self.run_changed.publish(message)
+            new_nodes = message.changes.new_nodes
+            if message.reset:
+                self._reselect(message.view)
+            elif self._selected_id is None and new_nodes and self.run_tree.select_id(new_nodes[0]):
+                self._select(new_nodes[0])
+        if message.reset and self.freeze_gc:
+            gc.collect()  # the old tree is garbage now that the new one is drawn
+            gc.freeze()
+        if not self.loaded:
+            self._start()
+        self._refresh_footer()
 
-    def _maybe_plot(self, force: bool = False) -> None:
-        if not self._plot_dirty:
-            return
-        if self._active_tab() != "tab-plot":
-            return  # drawn when its tab is shown
-        now = time.monotonic()
-        if not force and now - self._plot_at < 1.0:
-            return
-        self._plot_at = now
-        self._plot_dirty = False
-        self.query_one("#plot", MetricPlot).sync(self.view)
+    def _log_lines(self, lines: list[tuple[str, str]]) -> None:
+        """Lines that are not events (the commands this dashboard sent) for the event log."""
+        self.query_one("#events", EventLog).add_lines(lines)
 
-    def on_resize(self) -> None:
-        if self.loaded:
-            self._update_header()
-
-    @on(TabbedContent.TabActivated)
-    def _tab_changed(self, event: TabbedContent.TabActivated) -> None:
-        if event.pane.id == "tab-plot":
-            self._maybe_plot(force=True)
-        elif event.pane.id == "tab-events":
-            log = self.query_one("#events", RichLog)
-            log.clear()
-            if self.log_buffer:
-                log.write(log_text(list(self.log_buffer)))
-        elif event.pane.id == "tab-live":
-            self._sync_rows()
-        elif event.pane.id == "tab-gpu":
-            self._maybe_gpu(force=True)
-
-    # -- selection and detail ------------------------------------------------------------
+    # -- selection -----------------------------------------------------------------------
     @property
     def selected_node(self) -> NodeState | None:
         return self.view.state.nodes.get(self._selected_id or "")
@@ -438,85 +378,33 @@ class LooptreeApp(DashboardActions, App[int]):
         detail panel (and the footer's greyed keys) follow one frame later, once per burst.
         """
         self._selected_id = node_id
-        self._logs_at = 0.0
         if not self._detail_pending:
             self._detail_pending = True
             self.call_after_refresh(self._show_selection)
 
     def _show_selection(self) -> None:
         self._detail_pending = False
-        self._render_detail()
+        self.detail.show_node(self.view, self._selected_id)
         self._refresh_footer()
 
-    def _render_detail(self) -> None:
-        node = self.selected_node
-        detail = self.detail
-        if node is None:
-            return
-        detail.show_info(node.id, info_text(self.view, node))
-        self._render_diff(node)
-        now = time.monotonic()
-        if detail.node_id != node.id or now - self._logs_at >= 1.0 or self._logs_at == 0.0:
-            self._logs_at = now
-            key, renderable = logs_renderable(self.run_dir / "nodes" / node.id)
-            detail.show_logs(key, renderable)
-
-    def _render_diff(self, node: NodeState) -> None:
-        detail = self.detail
-        state = self.view.state
-        old = parent_commit(state, node)
-        if node.parent is None:
-            detail.show_diff(("none", node.id), Text("baseline: the project as it was when the run started", style="grey50"))
-            return
-        if not node.commit or not old:
-            why = f"failed at {node.failure_stage}" if node.status == "failed" else "no commit yet"
-            detail.show_diff(("none", node.id, why), Text(f"no diff: {why}", style="grey50"))
-            return
-        project = state.project or ""
-        key = (project, old, node.commit)
-        text = self.diffs.cached(project, old, node.commit)
-        if text is not None:
-            detail.show_diff(key, diff_renderable(text))
-            return
-        detail.show_diff(("loading",) + key, Text("loading diff…", style="grey50"))
-        fallback = self.run_dir / "nodes" / node.id / "diff.patch"
-        self.run_worker(self._diff_worker(node.id, project, old, node.commit, fallback),
-                        group="diff", exclusive=True, exit_on_error=False)
-
-    async def _diff_worker(self, node_id: str, project: str, old: str, new: str, fallback: Path) -> None:
-        text = await self.diffs.get(project, old, new, fallback)
-        if self._selected_id == node_id:
-            self.detail.show_diff((project, old, new), diff_renderable(text))
+    def _reselect(self, view: RunView) -> None:
+        """After a backwards seek: the same node if the new fold has it, else the first."""
+        state = view.state
+        selected = self._selected_id
+        target = selected if selected in state.nodes else (state.order[0] if state.order else None)
+        if target is not None and self.run_tree.select_id(target):
+            self._select(target)
+        else:
+            self._selected_id = None
 
     def _apply_seek(self, seek: Seek) -> None:
         self._last_tick = time.monotonic()
         if seek.refold:
             if self.freeze_gc:
-                gc.unfreeze()  # the old tree is cyclic garbage now: let it be collected
+                gc.unfreeze()  # the old tree becomes cyclic garbage once the frame redraws it
             self.view = RunView()
             self.view.apply_all(seek.events)
-            selected = self._selected_id
-            frame = None if self.frozen_time is not None else self._frame
-            with self.batch_update():
-                self.run_tree.rebuild(self.view, frame)
-                self.query_one("#events", RichLog).clear()
-                self.log_buffer.clear()
-                self.query_one("#gpu", GpuPanel).reset()
-                self.query_one("#rows", LiveRows).reset()
-                self._rows_node = next((n for n in reversed(self.view.state.order)
-                                        if self.view.state.nodes[n].rows), None)
-                self._plot_dirty = True
-                self._redraw(force=True)
-                target = selected if selected in self.view.state.nodes else (
-                    self.view.state.order[0] if self.view.state.order else None)
-                if target is not None and self.run_tree.select_id(target):
-                    self._select(target)
-                else:
-                    self._selected_id = None
-            if self.freeze_gc:
-                gc.collect()
-                gc.freeze()
+            self._post_frame(force=True, reset=True)
         else:
             self.view.apply_all(seek.events)
-            self._redraw(force=True)
-        self._update_header()
+            self._post_frame(force=True)

@@ -4,7 +4,8 @@ Why a separate App: an experiment's log speaks its own vocabulary (`experiment_s
 `arm_started`, `pair_finished`, …), not a run's, so the run dashboard's state fold has nothing to
 show for it. This view folds those events into a table of pairs, the two sequential tests against
 their bounds, per-arm totals and the verdict. It only reads the out directory (the `ab` process
-stays headless and writes it), tailing `events.jsonl` at 2 Hz through one method.
+stays headless and writes it), tailing `events.jsonl` at 2 Hz with the dashboard's feed
+(`feed.looks`, polling: benchmarks/README.md has why not inotify) in an async worker.
 
 The log is treated as untrusted input: an event with a missing or odd field is skipped and
 counted, never a crash.
@@ -20,11 +21,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from rich.text import Text
+from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Footer, Static
 
 from looptree import styles
+from looptree.app.feed import looks
 from looptree.engine.core.events import EVENTS_NAME, EventTail
 
 CSS_FILE = Path(styles.__file__).parent / "experiment.tcss"
@@ -203,12 +206,17 @@ class ExperimentApp(App[int]):
 
     def on_mount(self) -> None:
         self.query_one(DataTable).add_columns(*self.COLUMNS)
-        self.poll_log()
-        self.set_interval(1.0 / self.poll_hz, self.poll_log)
+        self.fold_events(self._tail.poll())  # the log so far, before the first paint
+        self._follow()
 
-    def poll_log(self) -> None:
-        """Read the new complete lines of events.jsonl and redraw what they changed."""
-        events = self._tail.poll()
+    @work(exclusive=True, group="feed", name="tail")
+    async def _follow(self) -> None:
+        """Fold each look's new lines of events.jsonl, as long as the view runs."""
+        async for events in looks(self._tail.poll, 1.0 / self.poll_hz):
+            self.fold_events(events)
+
+    def fold_events(self, events: list[dict[str, Any]]) -> None:
+        """Fold new events and redraw what they changed."""
         if not events and self.model.started is not None:
             return
         table = self.query_one(DataTable)

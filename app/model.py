@@ -5,8 +5,8 @@ Why a wrapper around `RunState` and not widgets reading it directly: at 200 even
 folds each event (O(1)) and records *which* nodes changed, which were created, whether the
 GPU or live rows moved, and keeps O(1) running totals (status counts, running set, best node)
 that `RunState` would otherwise recompute by scanning every node. The App drains those changes
-at ~10 Hz (`take_changes`) and touches only the widgets that need it. No Textual import here,
-so all of this is tested without a terminal.
+at most ~10 times a second (`take_changes`) into one `RunChanged` frame, and each widget redraws
+only what the batch touched. No Textual import here, so all of this is tested without a terminal.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ QUIET_EVENTS = frozenset({"metric_row", "gpu_sample", "tokens_spent"})
 
 @dataclass
 class Changes:
-    """What the screen must redraw after a batch of events (see `RunView.take_changes`)."""
+    """What the screen must redraw after a batch of events (see `RunView.take_changes`); the batch
+    a `RunChanged` frame carries to the widgets."""
 
     new_nodes: list[str] = field(default_factory=list)
     dirty_nodes: set[str] = field(default_factory=set)

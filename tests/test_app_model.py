@@ -14,7 +14,8 @@ from looptree.app.model import RunView, fmt_duration, fmt_num, format_event, imp
 from looptree.app.replay import GAP_CAP_S, ReplayCursor, parse_seek
 from looptree.app.synthetic import COLUMNS, T0, demo_run, stream_events
 from looptree.app.widgets.detail import verdict_line
-from looptree.app.widgets.panels import gpu_cells, step_line
+from looptree.app.widgets.gpu import gpu_cells
+from looptree.app.widgets.metric_plot import step_line
 from looptree.engine.core.state import RunState
 
 

@@ -6,11 +6,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fixtures.dash_pilot import FROZEN, live_app, make_run, plain, ready, select
+from fixtures.dash_pilot import FROZEN, live_app, make_run, plain, ready, select, settled
 from textual.widgets import RichLog, Static
 
 from looptree.app.dashboard import LooptreeApp
 from looptree.app.synthetic import write_events
+from looptree.app.widgets.event_log import EventLog
 from looptree.engine.core.events import RunLock
 
 
@@ -40,7 +41,7 @@ async def test_live_tail_adds_nodes_and_updates_panels(tmp_path: Path) -> None:
             assert "11 nodes" in str(app.query_one("#header", Static).render()).replace("nodes 11", "11 nodes")
             rows = app.query_one("#rows").shown_rows()
             assert [r[:3] for r in rows] == [["1", "2", "8.12"], ["1", "1", "8.31"], ["1", "0", "8.036"]]  # newest first
-            assert any("5.3.3 created" in text for text, _ in app.log_buffer)
+            assert any("5.3.3 created" in text for text, _ in app.query_one("#events", EventLog).buffer)
             app.query_one("#panels").active = "tab-events"
             await pilot.pause(0.1)
             log = app.query_one("#events", RichLog)
@@ -65,7 +66,7 @@ async def test_detail_shows_diff_from_git_and_log_tails(tmp_path: Path) -> None:
     async with live_app(run_dir).run_test(size=(160, 50)) as pilot:
         await ready(pilot)
         await select(pilot, "5.3.1")
-        await pilot.app.workers.wait_for_complete()
+        await settled(pilot.app)
         await pilot.pause()
         diff = plain(pilot.app, "#detail-diff")
         assert "+    return sum(xs)" in diff and "-    total = 0" in diff

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fixtures.dash_pilot import FROZEN, make_run, ready
+from fixtures.dash_pilot import FROZEN, make_run, ready, settled
 
 from looptree.app.dashboard import LooptreeApp
 
@@ -24,7 +24,7 @@ def select_best(keys: tuple[str, ...] = ()):
             await pilot.press(key)
         await pilot.press("b")  # the best node: its detail has metrics, spread, verdict and logs
         await pilot.pause(0.3)  # the detail fills in after the cursor's frame, the footer 0.15 s later
-        await pilot.app.workers.wait_for_complete()
+        await settled(pilot.app)
         await pilot.pause()
 
     return run_before

@@ -119,7 +119,7 @@ async def test_the_gpu_panel_shows_cluster_gpus_with_their_host(tmp_path: Path) 
 
 
 def test_a_sample_naming_its_host_is_shown_with_it_and_fits_its_column() -> None:
-    from looptree.app.widgets.panels import GPU_COLUMNS, gpu_cells
+    from looptree.app.widgets.gpu import GPU_COLUMNS, gpu_cells
 
     assert gpu_cells(0, {"host": "host-a", "util": 5}, None)["gpu"] == "host-a:0"  # host in fields only
     assert gpu_cells("host-a:0", {"host": "host-a"}, None)["gpu"] == "host-a:0"  # not twice

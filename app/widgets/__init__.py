@@ -1,1 +1,2 @@
-"""The dashboard's widgets; each renders one slice of the `RunView` and knows nothing of files."""
+"""The dashboard's widgets, one module each; each redraws one slice of the `RunView` from the frames
+(`looptree.app.messages.RunChanged`) it subscribed to (`base.RunWidget`)."""

@@ -4,22 +4,30 @@ Why three Statics in one scroll view: the info block changes with every event on
 the diff only when another node is selected, and the log tails about once a second while the
 node runs. Each part is redrawn only when its own content changed (`_shown` keys), so a busy
 benchmark does not re-highlight a 300-line diff ten times a second.
+
+The App says which node is selected (`show_node`, one frame after the tree's cursor moved); the
+panel then follows that node on every frame that touched it. A diff not yet in the cache is
+loaded by a worker (`git diff`, or the node's saved diff.patch) while "loading diff…" shows.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.syntax import Syntax
 from rich.text import Text
+from textual import work
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from looptree.app.files import LOG_NAMES, tail_lines
+from looptree.app.files import LOG_NAMES, DiffCache, parent_commit, tail_lines
 from looptree.app.labels import GLYPHS
+from looptree.app.messages import RunChanged
 from looptree.app.model import RunView, fmt_num, fmt_tokens, improvement
+from looptree.app.widgets.base import RunWidget
 from looptree.engine.core.state import NodeState
 
 LOG_LINES = 10
@@ -167,13 +175,20 @@ def logs_renderable(folder: Path) -> tuple[tuple[Any, ...], RenderableType]:
     return tuple(key), Group(*parts)
 
 
-class DetailPanel(VerticalScroll):
+class DetailPanel(RunWidget, VerticalScroll):
     """Info, diff and log tails of one node; each part redrawn only when it changed."""
 
-    def __init__(self, *, id: str | None = None) -> None:  # noqa: A002
+    LOGS_PERIOD_S = 1.0  # the log tails of a node are re-read at most once a second
+
+    def __init__(self, run_dir: Path, *, diffs: DiffCache | None = None, id: str | None = None) -> None:  # noqa: A002
         super().__init__(id=id)
-        self.node_id: str | None = None
+        self.run_dir = run_dir
+        self.diffs = diffs or DiffCache()
+        self.node_id: str | None = None  # the node on screen
+        self.selected: str | None = None  # the node the App asked for
+        self._view: RunView | None = None
         self._shown: dict[str, Any] = {}
+        self._logs_at = 0.0
         self.can_focus = True
 
     def compose(self):  # type: ignore[override]
@@ -181,6 +196,58 @@ class DetailPanel(VerticalScroll):
         yield Static("", id="detail-diff")
         yield Static("", id="detail-logs")
 
+    # -- following the selected node ---------------------------------------------------------
+    def draw(self, frame: RunChanged) -> None:
+        self._view = frame.view
+        if self.selected is not None and (self.selected in frame.changes.dirty_nodes or frame.force):
+            self.render_node()
+
+    def show_node(self, view: RunView, node_id: str | None) -> None:
+        """Show `node_id` now (the App's selection), its log tails read afresh."""
+        self._view = view
+        self.selected = node_id
+        self._logs_at = 0.0
+        self.render_node()
+
+    def render_node(self) -> None:
+        view = self._view
+        node = view.state.nodes.get(self.selected or "") if view is not None else None
+        if view is None or node is None:
+            return
+        self.show_info(node.id, info_text(view, node))
+        self._render_diff(view, node)
+        now = time.monotonic()
+        if self.node_id != node.id or now - self._logs_at >= self.LOGS_PERIOD_S or self._logs_at == 0.0:
+            self._logs_at = now
+            key, renderable = logs_renderable(self.run_dir / "nodes" / node.id)
+            self.show_logs(key, renderable)
+
+    def _render_diff(self, view: RunView, node: NodeState) -> None:
+        state = view.state
+        old = parent_commit(state, node)
+        if node.parent is None:
+            self.show_diff(("none", node.id), Text("baseline: the project as it was when the run started", style="grey50"))
+            return
+        if not node.commit or not old:
+            why = f"failed at {node.failure_stage}" if node.status == "failed" else "no commit yet"
+            self.show_diff(("none", node.id, why), Text(f"no diff: {why}", style="grey50"))
+            return
+        project = state.project or ""
+        key = (project, old, node.commit)
+        text = self.diffs.cached(project, old, node.commit)
+        if text is not None:
+            self.show_diff(key, diff_renderable(text))
+            return
+        self.show_diff(("loading",) + key, Text("loading diff…", style="grey50"))
+        self._load_diff(node.id, project, old, node.commit, self.run_dir / "nodes" / node.id / "diff.patch")
+
+    @work(group="diff", exclusive=True, exit_on_error=False)
+    async def _load_diff(self, node_id: str, project: str, old: str, new: str, fallback: Path) -> None:
+        text = await self.diffs.get(project, old, new, fallback)
+        if self.selected == node_id:
+            self.show_diff((project, old, new), diff_renderable(text))
+
+    # -- the three parts -----------------------------------------------------------------------
     def show_info(self, node_id: str | None, text: Text) -> None:
         if node_id != self.node_id:
             self.node_id = node_id

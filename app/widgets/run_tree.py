@@ -7,6 +7,9 @@ added in one go (one rebuild), nodes deeper than `EXPAND_DEPTH` start collapsed,
 children of a collapsed node are not handed to the Tree at all until it is expanded (they wait
 in `_deferred`): at 10k nodes most new nodes land under collapsed branches and then cost no
 repaint. A dict maps node IDs to TreeNodes, and `get_label_width` is estimated, not rendered.
+
+Each frame (`draw`) adds the batch's new nodes and relabels its dirty ones; a frame with no
+events (a tick of the spinner) relabels the running nodes, whose glyph turns.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
 from looptree.app.labels import label_key, node_label
+from looptree.app.messages import RunChanged
 from looptree.app.model import RunView
+from looptree.app.widgets.base import RunWidget
 
 
-class RunTree(Tree[str], inherit_bindings=False):  # Tree's `space` toggles nodes; here it pauses the run
+class RunTree(RunWidget, Tree[str], inherit_bindings=False):  # Tree's `space` toggles nodes; here it pauses the run
     EXPAND_DEPTH: ClassVar[int] = 2  # nodes with fewer dots than this start expanded
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("up", "cursor_up", "Up", show=False),
@@ -48,6 +53,16 @@ class RunTree(Tree[str], inherit_bindings=False):  # Tree's `space` toggles node
         self._frame: int | None = None
 
     # -- building ------------------------------------------------------------------------
+    def draw(self, frame: RunChanged) -> None:
+        view, changes = frame.view, frame.changes
+        if frame.reset:
+            self.rebuild(view, frame.frame)  # a backwards seek: every node of the new fold
+        elif changes.new_nodes:
+            self.add_nodes(view, changes.new_nodes, frame.frame)
+        self.update_labels(view, changes.dirty_nodes, frame.frame)
+        if frame.tick and view.running:
+            self.update_labels(view, self.spinner_targets(view), frame.frame)
+
     def add_nodes(self, view: RunView, node_ids: Iterable[str], frame: int | None) -> int:
         """Add freshly created nodes (parents before children); one line rebuild for the batch.
 

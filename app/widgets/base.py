@@ -1,0 +1,79 @@
+"""What every widget that shows the run shares: it subscribes itself to the App's frames.
+
+Why a mixin and a signal: Textual messages bubble up, so a `RunChanged` posted to the App never
+reaches the widgets below it. The App republishes each one on its `run_changed` signal; a widget
+with this mixin subscribes in `on_mount` and draws its own slice in `draw`. Adding a widget is
+then composing it: nothing in the App names it.
+
+The subscription is *immediate*: every widget draws inside the App's one `batch_update()` per
+frame, as the measured design requires (one repaint per frame, not one per widget). Textual's
+signal logs and drops a subscriber's exception; `_deliver` hands it to the App instead, so a
+broken widget fails as loudly as a broken message handler.
+
+A widget inside a tab (`TabbedContent` > `TabPane`) also learns when its tab is opened
+(`on_tab_shown`), by watching the `active` reactive of its `TabbedContent`: the panels draw only
+while they are visible, and catch up when shown.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from textual.signal import Signal
+from textual.widgets import TabbedContent, TabPane
+
+from looptree.app.messages import RunChanged
+
+if TYPE_CHECKING:
+    from textual.widget import Widget
+
+    _WidgetBase = Widget  # so type checkers see app, watch, ancestors… on the mixin
+else:
+    _WidgetBase = object
+
+RUN_CHANGED = "run_changed"  # the App's attribute holding its Signal[RunChanged]
+
+
+class RunWidget(_WidgetBase):
+    """Mixed into a widget (first, before the Textual base): `draw` is called with every frame.
+
+    A widget's own `on_mount` needs no `super()` call: Textual runs the handler of every class in
+    the MRO that defines one, this mixin's included.
+    """
+
+    def on_mount(self) -> None:
+        signal = getattr(self.app, RUN_CHANGED, None)
+        if isinstance(signal, Signal):
+            signal.subscribe(self, self._deliver, immediate=True)
+        tabs, _pane = self._tab()
+        if tabs is not None:
+            self.watch(tabs, "active", self._tab_activated, init=False)
+
+    def _deliver(self, frame: RunChanged) -> None:
+        try:
+            self.draw(frame)
+        except Exception as error:  # noqa: BLE001 - re-raised through the App, as a handler's would be
+            self.app._handle_exception(error)
+
+    def draw(self, frame: RunChanged) -> None:
+        """Redraw what `frame` changed of this widget's slice (compare with what is shown first)."""
+        raise NotImplementedError
+
+    def on_tab_shown(self) -> None:
+        """The widget's tab was just opened: draw what was skipped while it was hidden."""
+
+    @property
+    def shown(self) -> bool:
+        """False while the widget sits in a tab that is not the open one."""
+        tabs, pane = self._tab()
+        return tabs is None or pane is None or tabs.active == pane.id
+
+    def _tab(self) -> tuple[TabbedContent | None, TabPane | None]:
+        pane = next((node for node in self.ancestors if isinstance(node, TabPane)), None)
+        tabs = next((node for node in self.ancestors if isinstance(node, TabbedContent)), None)
+        return (tabs, pane) if pane is not None else (None, None)
+
+    def _tab_activated(self, active: str) -> None:
+        _tabs, pane = self._tab()
+        if pane is not None and active == pane.id:
+            self.on_tab_shown()
