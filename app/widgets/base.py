@@ -17,12 +17,14 @@ while they are visible, and catch up when shown.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from textual.signal import Signal
 from textual.widgets import TabbedContent, TabPane
 
 from looptree.app.messages import RunChanged
+from looptree.app.model import RunView
 
 if TYPE_CHECKING:
     from textual.widget import Widget
@@ -77,3 +79,50 @@ class RunWidget(_WidgetBase):
         _tabs, pane = self._tab()
         if pane is not None and active == pane.id:
             self.on_tab_shown()
+
+
+class ThrottledRunWidget(RunWidget):
+    """A panel too costly to redraw on every frame: it marks itself dirty and redraws at most
+    once per `PERIOD_S`, and only while its tab is shown (then at once when the tab opens).
+
+    A subclass says which frames concern it (`concerns`) and how to draw the view (`sync`).
+    """
+
+    PERIOD_S = 1.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # the Textual base's arguments
+        self._view: RunView | None = None
+        self._dirty = True
+        self._at = 0.0
+
+    def concerns(self, frame: RunChanged) -> bool:
+        """True when `frame` changed what this panel shows."""
+        raise NotImplementedError
+
+    def forget(self) -> None:
+        """A replay seeked back (`frame.reset`): drop what is shown before the view is drawn anew."""
+
+    def sync(self, view: RunView) -> object:
+        raise NotImplementedError
+
+    def draw(self, frame: RunChanged) -> None:
+        self._view = frame.view
+        if frame.reset:
+            self.forget()
+        if self.concerns(frame) or frame.reset:
+            self._dirty = True
+        self._maybe(force=frame.force)
+
+    def on_tab_shown(self) -> None:
+        self._maybe(force=True)
+
+    def _maybe(self, force: bool = False) -> None:
+        if not (self._dirty or force) or self._view is None or not self.shown:
+            return  # drawn when its tab is shown
+        now = time.monotonic()
+        if not force and now - self._at < self.PERIOD_S:
+            return
+        self._at = now
+        self._dirty = False
+        self.sync(self._view)

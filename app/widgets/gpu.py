@@ -9,7 +9,6 @@ the soak benchmark showed to matter over hours.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 from textual.cache import LRUCache
@@ -18,7 +17,7 @@ from textual.widgets import DataTable, Static
 
 from looptree.app.messages import RunChanged
 from looptree.app.model import RunView
-from looptree.app.widgets.base import RunWidget
+from looptree.app.widgets.base import ThrottledRunWidget
 
 GPU_COLUMNS = (("gpu", "GPU", 16), ("util", "util%", 6), ("mem", "memory MiB", 15), ("power", "power W", 8),
                ("temp", "temp °C", 8), ("sm", "SM MHz", 7), ("memclk", "mem MHz", 8),
@@ -70,7 +69,7 @@ class GpuTable(DataTable):  # type: ignore[type-arg]
                 setattr(self, name, LRUCache(self.CACHE_SIZE))
 
 
-class GpuPanel(RunWidget, Vertical):
+class GpuPanel(ThrottledRunWidget, Vertical):
     """Per-device telemetry from gpu_sample events; a clear line when the run has no GPU."""
 
     PERIOD_S = 0.5  # cells at most twice a second
@@ -78,9 +77,6 @@ class GpuPanel(RunWidget, Vertical):
     def __init__(self, *, id: str | None = None) -> None:  # noqa: A002
         super().__init__(id=id)
         self._cells: dict[str, dict[str, str]] = {}
-        self._view: RunView | None = None
-        self._dirty = True
-        self._at = 0.0
 
     def compose(self):  # type: ignore[override]
         yield Static("No GPU: this run has reported no GPU telemetry (gpu.devices = \"none\", no NVIDIA "
@@ -94,27 +90,8 @@ class GpuPanel(RunWidget, Vertical):
             table.add_column(label, width=width, key=key)
         table.display = False
 
-    def draw(self, frame: RunChanged) -> None:
-        self._view = frame.view
-        if frame.reset:
-            self.reset()
-        if frame.changes.gpu_changed or frame.reset:
-            self._dirty = True
-        self._maybe(force=frame.force)
-
-    def on_tab_shown(self) -> None:
-        self._maybe(force=True)
-
-    def _maybe(self, force: bool = False) -> None:
-        """GPU cells at most twice a second, and only while the GPU tab is shown."""
-        if not (self._dirty or force) or self._view is None or not self.shown:
-            return
-        now = time.monotonic()
-        if not force and now - self._at < self.PERIOD_S:
-            return
-        self._at = now
-        self._dirty = False
-        self.sync(self._view)
+    def concerns(self, frame: RunChanged) -> bool:
+        return frame.changes.gpu_changed
 
     def sync(self, view: RunView) -> None:
         gpus = view.state.gpu
@@ -138,6 +115,6 @@ class GpuPanel(RunWidget, Vertical):
                         table.update_cell(key, column, value)
             self._cells[key] = cells
 
-    def reset(self) -> None:
+    def forget(self) -> None:
         self.query_one(DataTable).clear()
         self._cells.clear()

@@ -8,17 +8,16 @@ frame that changed the series and redraws when a second has passed and its tab i
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 from textual_plotext import PlotextPlot
 
 from looptree.app.messages import RunChanged
 from looptree.app.model import RunView
-from looptree.app.widgets.base import RunWidget
+from looptree.app.widgets.base import ThrottledRunWidget
 
 
-class MetricPlot(RunWidget, PlotextPlot):
+class MetricPlot(ThrottledRunWidget, PlotextPlot):
     """The leading metric per evaluation, with the best-so-far line."""
 
     PERIOD_S = 1.0  # at most one redraw a second
@@ -26,29 +25,9 @@ class MetricPlot(RunWidget, PlotextPlot):
     def __init__(self, *, id: str | None = None) -> None:  # noqa: A002
         super().__init__(id=id)
         self._key: Any = None
-        self._view: RunView | None = None
-        self._dirty = True
-        self._at = 0.0
 
-    def draw(self, frame: RunChanged) -> None:
-        self._view = frame.view
-        if frame.changes.series_changed or frame.reset:
-            self._dirty = True
-        self._maybe(force=frame.force)
-
-    def on_tab_shown(self) -> None:
-        self._maybe(force=True)
-
-    def _maybe(self, force: bool = False) -> None:
-        """Redraw when the data changed, at most once a second, and only while the tab shows."""
-        if not self._dirty or self._view is None or not self.shown:
-            return  # drawn when its tab is shown
-        now = time.monotonic()
-        if not force and now - self._at < self.PERIOD_S:
-            return
-        self._at = now
-        self._dirty = False
-        self.sync(self._view)
+    def concerns(self, frame: RunChanged) -> bool:
+        return frame.changes.series_changed
 
     def sync(self, view: RunView) -> bool:
         """Redraw if the data changed (`_maybe` limits this to ≤1 Hz and to a visible tab)."""
