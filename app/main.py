@@ -84,6 +84,11 @@ def run_dashboard(run_dir: Path, *, mode: Literal["live", "replay"] = "live", sp
     if app.error:
         print(f"looptree: error: {app.error}", file=sys.stderr)
     elif mode == "live" and code == 0:
-        print(f"looptree: dashboard detached; the run goes on. Reattach with: looptree attach {run_dir}",
-              file=sys.stderr)
+        finished = app.view.state.finished
+        if finished is not None:  # nothing goes on: say how it ended and where to look
+            print(f"looptree: run {run_dir.name} finished: {finished}; "
+                  f"see `looptree tree {run_dir}`", file=sys.stderr)
+        else:
+            print(f"looptree: dashboard detached; the run goes on. Reattach with: looptree attach {run_dir}",
+                  file=sys.stderr)
     return code

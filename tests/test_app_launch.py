@@ -82,3 +82,16 @@ def test_refresh_rate_honours_textual_fps(monkeypatch, tmp_path: Path) -> None:
     assert LooptreeApp(tmp_path, mode="live").refresh_hz == 4
     monkeypatch.setattr(textual.constants, "MAX_FPS", 60)
     assert LooptreeApp(tmp_path, mode="live").refresh_hz == 10
+
+
+def test_leaving_a_finished_run_says_how_it_ended(tmp_path: Path) -> None:
+    """Nothing goes on after a finished run: the line says how it ended, not how to reattach."""
+    run_dir = tmp_path / "runs" / "5"
+    write_events(run_dir / "events.jsonl", demo_run(finished=True))
+    env = {**os.environ, "TEXTUAL_DRIVER": "textual.drivers.headless_driver:HeadlessDriver",
+           "TEXTUAL_PRESS": "wait:1500,q", "LOOPTREE_FROZEN_TIME": "1700000100"}
+    code = ("import sys; from looptree.app import run_dashboard; "
+            f"sys.exit(run_dashboard({str(run_dir)!r}, mode='live', color='256'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "run 5 finished:" in out.stderr and "goes on" not in out.stderr, out.stderr
