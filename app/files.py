@@ -13,6 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from looptree.engine.core.state import NodeState, RunState
+from looptree.engine.core.terminal import safe_text
 from looptree.engine.errors import LooptreeError
 
 DIFF_TIMEOUT_S = 15.0
@@ -75,13 +76,14 @@ async def load_diff(project: Path, old: str, new: str, fallback: Path | None = N
             return _cap(fallback.read_text(errors="replace"))
         except OSError:
             pass
-    return f"! diff unavailable: {reason}"
+    return safe_text(f"! diff unavailable: {reason}")
 
 
 def _cap(text: str) -> str:
-    if len(text) <= MAX_DIFF_CHARS:
-        return text
-    return text[:MAX_DIFF_CHARS] + f"\n... (diff cut at {MAX_DIFF_CHARS} characters)\n"
+    """The diff as shown: at most MAX_DIFF_CHARS, escape sequences in it made visible (the agent wrote it)."""
+    if len(text) > MAX_DIFF_CHARS:
+        text = text[:MAX_DIFF_CHARS] + f"\n... (diff cut at {MAX_DIFF_CHARS} characters)\n"
+    return safe_text(text)
 
 
 def tail_lines(path: Path, lines: int = 12, max_bytes: int = 16_384) -> list[str] | None:
@@ -98,4 +100,5 @@ def tail_lines(path: Path, lines: int = 12, max_bytes: int = 16_384) -> list[str
     out = text.splitlines()
     if size > max_bytes and out:
         out = out[1:]  # the first line was cut mid-way
-    return [line.expandtabs(4) for line in out[-lines:]]
+    # The candidate's code wrote these logs: escape sequences are shown, never obeyed.
+    return [safe_text(line, keep="\t").expandtabs(4) for line in out[-lines:]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from looptree.engine.core.terminal import SafeStream
 from looptree.engine.errors import LooptreeError
 
 EPILOG = """\
@@ -137,6 +139,10 @@ def main(argv: list[str] | None = None, *, dashboard: Dashboard | None = None) -
         parser.print_help()
         return 2
     handler = getattr(args, "handler", None) or globals()[f"cmd_{args.command}"]
+    # Everything a command prints may quote the run (logs, reasons, replies): escape sequences in
+    # it are shown, never obeyed (engine/core/terminal.py). The dashboard draws on sys.__stderr__.
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = SafeStream(sys.stdout), SafeStream(sys.stderr)  # type: ignore[assignment]
     try:
         return int(handler(args) or 0)
     except LooptreeError as exc:
@@ -147,6 +153,11 @@ def main(argv: list[str] | None = None, *, dashboard: Dashboard | None = None) -
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
 
 
 # -- init ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from looptree.engine.core.schema import check as schema_check
+from looptree.engine.core.terminal import safe_value
 from looptree.engine.errors import LooptreeError, RunLockedError
 
 EVENTS_NAME = "events.jsonl"
@@ -170,12 +172,14 @@ def _skipped(raw: bytes, skip: frozenset[bytes]) -> bool:
     return any(marker in head for marker in skip)
 
 
-def iter_events(path: Path, *, skip_types: frozenset[str] = frozenset()) -> Iterator[dict[str, Any]]:
+def iter_events(path: Path, *, skip_types: frozenset[str] = frozenset(),
+                display: bool = False) -> Iterator[dict[str, Any]]:
     """Stream every complete event; a torn or garbled last line is skipped, a garbled middle line is an error.
 
     One line is held back at a time (a bad line is only forgiven when it is the last), so memory
     stays flat however long the log is. `skip_types` leaves those events out without parsing
-    them (GPU samples in logs written before they had their own file).
+    them (GPU samples in logs written before they had their own file). `display`: read for a
+    viewer (`display_event`).
     """
     markers = frozenset(f'"type":"{name}"'.encode() for name in skip_types)
     try:
@@ -188,23 +192,39 @@ def iter_events(path: Path, *, skip_types: frozenset[str] = frozenset()) -> Iter
             if not raw.strip():
                 continue
             if pending is not None:
-                event = _parse_line(path, *pending, last=False)
+                event = _parse_line(path, *pending, last=False, display=display)
                 if event is not None:
                     yield event
             pending = None if markers and _skipped(raw, markers) else (number, raw)
         if pending is not None:
-            event = _parse_line(path, *pending, last=True)
+            event = _parse_line(path, *pending, last=True, display=display)
             if event is not None:
                 yield event
 
 
-def _parse_line(path: Path, number: int, raw: bytes, *, last: bool) -> dict[str, Any] | None:
+def _parse_line(path: Path, number: int, raw: bytes, *, last: bool, display: bool = False) -> dict[str, Any] | None:
     try:
-        return json.loads(raw)
+        return display_event(raw) if display else json.loads(raw)
     except json.JSONDecodeError:
         if last:
             return None  # torn tail: the engine died mid-write
         raise LooptreeError(f"{path}: line {number} is not valid JSON (the event log is damaged)") from None
+
+
+#: A raw line that may hold a control, format or non-ASCII character: JSON writes C0 controls as
+#: `\\uXXXX`, `\\b`, `\\f` or `\\r`, and this writer keeps every other character as UTF-8 (DEL as is).
+#: Only such lines are walked by `safe_value`, so a viewer pays for it on the rare line that needs it.
+_MAY_NEED_ESCAPING = re.compile(rb"\\[ubfr]|[\x7f-\xff]")
+
+
+def display_event(raw: bytes) -> dict[str, Any]:
+    """One event for a viewer's eyes: its strings with control characters made visible.
+
+    Viewers only (dashboard, replay): the engine's own fold reads the log as written, since a
+    reply re-applied on resume must be byte for byte the one that was paid for.
+    """
+    event = json.loads(raw)
+    return safe_value(event) if _MAY_NEED_ESCAPING.search(raw) else event
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -252,29 +272,30 @@ def last_samples(run_dir: Path, limit_bytes: int = 1 << 20) -> list[dict[str, An
     for raw in lines:
         if raw.strip():
             try:
-                out.append(json.loads(raw))
+                out.append(display_event(raw))
             except json.JSONDecodeError:
                 continue
     return out
 
 
 def iter_run(run_dir: Path) -> Iterator[dict[str, Any]]:
-    """Events and GPU samples of a run in time order (replay): two sorted streams, merged."""
+    """Events and GPU samples of a run in time order, for a viewer (replay): two sorted streams, merged."""
     import heapq
 
     def keyed(stream: Iterator[dict[str, Any]]) -> Iterator[tuple[float, int, dict[str, Any]]]:
         for index, item in enumerate(stream):
             yield float(item.get("ts", 0.0)), index, item
 
-    events = keyed(iter_events(run_dir / EVENTS_NAME))
-    samples = keyed(iter_events(run_dir / TELEMETRY_NAME))
+    events = keyed(iter_events(run_dir / EVENTS_NAME, display=True))
+    samples = keyed(iter_events(run_dir / TELEMETRY_NAME, display=True))
     for _, _, item in heapq.merge(events, samples, key=lambda entry: (entry[0], entry[1])):
         yield item
 
 
 @dataclass
 class EventTail:
-    """Incremental reader for viewers (attach, dashboard): returns complete new events since the last call."""
+    """Incremental reader for viewers (attach, dashboard): returns complete new events since the last call,
+    their text made safe for a terminal (`display_event`)."""
 
     path: Path
     offset: int = 0
@@ -296,7 +317,7 @@ class EventTail:
         for raw in lines:
             if raw.strip():
                 try:
-                    events.append(json.loads(raw))
+                    events.append(display_event(raw))
                 except json.JSONDecodeError:
                     continue
         return events

@@ -33,6 +33,7 @@ from typing import Any
 
 from looptree.engine.core.config import Config
 from looptree.engine.core.metrics import Aggregate, CsvTail, MetricSpec, aggregate
+from looptree.engine.core.terminal import safe_text
 from looptree.engine.errors import LooptreeError, MetricsError
 from looptree.engine.evaluation.evidence import RunRecord, shape_of, suspect_reason
 from looptree.engine.evaluation.executor import LocalExecutor
@@ -75,14 +76,9 @@ def _tail_text(result: ProcResult, lines: int = 40) -> str:
 
 
 def printable(text: str) -> str:
-    """``text`` with control and format characters shown as ``\\xNN``/``\\uNNNN``: a reason quotes the
-    command's output, and every reason is printed to the user's terminal (`--no-tui`), where an
-    escape sequence the code under test chose could rewrite the screen, retitle the window or set
-    the clipboard (OSC 52), and a bidirectional override could make a line read as another."""
-    if text.isprintable():
-        return text
-    return "".join(c if c in "\n\t" or c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-                   for c in text)
+    """A reason quoting the command's output, as it may be printed: escape sequences the code under
+    test chose are shown, never obeyed by the user's terminal (engine/core/terminal.py)."""
+    return safe_text(text)
 
 
 def _failure_reason(stage: str, command: str, result: ProcResult, timeout: float) -> str:

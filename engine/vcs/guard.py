@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from looptree.engine.core.terminal import safe_text
 from looptree.engine.errors import GitError
 from looptree.engine.vcs import gitops
 
@@ -200,7 +201,8 @@ class RepoGuard:
         # After the refs are back: a moved HEAD branch would otherwise show as changed files.
         now = Snapshot({}, {}, await self._status(), await asyncio.to_thread(self._top))
         problems += _tree_changes(expected, now)
-        return [_printable(problem) for problem in problems]
+        # File names the code under test chose: one line each, escapes shown (engine/core/terminal.py).
+        return [safe_text(problem, keep="\t") for problem in problems]
 
     async def _restore_refs(self, before: dict[str, tuple[str, str]], now: dict[str, tuple[str, str]]) -> list[str]:
         problems = []
@@ -275,15 +277,6 @@ class RepoGuard:
             except GitError as exc:
                 problems.append(f"branch {ref.removeprefix('refs/heads/')} changed and could not be restored: {exc}")
         return problems
-
-
-def _printable(text: str) -> str:
-    """File names the code under test chose, with control and format characters shown escaped: the
-    reason is printed to the user's terminal, where an escape sequence would be obeyed."""
-    if text.isprintable():
-        return text
-    return "".join(c if c == "\t" or c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-                   for c in text)
 
 
 def _tree_changes(before: Snapshot, now: Snapshot) -> list[str]:
