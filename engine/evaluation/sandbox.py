@@ -46,6 +46,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from looptree.engine.errors import ConfigError, LooptreeError
 
 __all__ = [
@@ -314,16 +316,6 @@ def register_roots(roots: Iterable[str]) -> Any:
 _registry_cache: dict[str, tuple[float, tuple[str, ...]]] = {}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def active_roots() -> tuple[str, ...]:
     """Project roots that running looptree processes of this user (or root) announced."""
     folder = _registry()
@@ -348,7 +340,7 @@ def active_roots() -> tuple[str, ...]:
             continue
         if not stat.S_ISREG(st.st_mode) or st.st_uid not in (me, 0):
             continue  # another user's entry: not trusted to decide what this user's commands see
-        if not _alive(pid):
+        if not psutil.pid_exists(pid):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
             continue
