@@ -120,14 +120,23 @@ def test_bf16_precision_uses_kernelbench_tolerance(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_launchers_clock_catches_a_clock_patched_inside_the_bench(tmp_path: Path) -> None:
-    """The hack reaches into looptree's own captured clock: only the clock outside the process sees it."""
-    rc, result, stderr = run_bench(LEVEL1 / "1_Matmul_ReLU.py", HACKS / "1_slow_clock_inside.py", tmp_path)
+    """The hack reaches into looptree's own captured clock: the launcher times every trial on its
+    own clock, so the hack gains nothing, and the times it made its process claim contradict it.
+
+    On a problem of a few hundred microseconds a call: the launcher resolves a claim only above
+    its own floor (``OUTSIDE_FLOOR_MS``); below it the slowed clock is merely ignored."""
+    problem = tmp_path / "1_Heavy.py"
+    problem.write_text(
+        "import torch\nimport torch.nn as nn\n\nclass Model(nn.Module):\n    def forward(self, A, B):\n"
+        "        return torch.relu(A @ B)\n\ndef get_inputs():\n    return [torch.randn(256, 256), torch.randn(256, 256)]\n\n"
+        "def get_init_inputs():\n    return []\n")
+    rc, result, stderr = run_bench(problem, HACKS / "1_slow_clock_inside.py", tmp_path)
     assert rc == kb_bench.EXIT_CANDIDATE, stderr
     assert result["suspect"] is True and not credited(result)
     assert "launcher's clock" in result["reason"]
-    # What the launcher saw is recorded (net of its own latency, which on a loaded box can exceed
-    # a tiny problem's time: then the figure is 0 and the excessive-speed-up rule is what fires).
-    assert result["outside"]["runtime_ms"] >= 0 and "speedup_vs_eager" in result["outside"]
+    # The figures are the launcher's: the slowed clock's 50x is only the candidate's claim.
+    assert result["outside"]["runtime_ms"] > 0 and "speedup_vs_eager" in result["outside"]
+    assert result["speedup_vs_eager"] < 5 and result["runtime_claimed_ms"] < result["runtime_ms"] / 5
 
 
 @pytest.mark.slow

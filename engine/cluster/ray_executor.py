@@ -36,6 +36,7 @@ import platform
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -44,6 +45,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from looptree.engine.errors import LooptreeError
 from looptree.engine.evaluation.executor import Worker, device_identity
@@ -54,6 +57,7 @@ from looptree.engine.evaluation.procs import (
     kill_jobs_with_prefix,
     run_command,
 )
+from looptree.engine.evaluation.safefiles import UnsafePath, open_beneath, relative_beneath, unlink_beneath
 
 __all__ = ["BenchWorker", "RayExecutor", "local_versions", "version_difference"]
 
@@ -126,27 +130,26 @@ def _remove_stale_bases() -> None:
     """Drop the folders of workers that died without shutting down (killed engine, lost node)."""
     for path in Path(tempfile.gettempdir()).glob("looptree-worker-*-*"):
         pid = path.name.split("-")[2]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
 class _Mirror:
-    """One file a running command writes that the engine keeps a live copy of."""
+    """One file a running command writes that the engine keeps a live copy of.
+
+    A file in the candidate's worktree (``root`` and ``rel`` set: the metrics CSV) is opened
+    beneath the worktree without following a link, non-blocking, and only when it is a regular
+    file (``safefiles.open_beneath``): a symlink the candidate planted there would otherwise make
+    the worker ship the file it points to (the worker's keys, another run's files) back to the
+    engine as "metrics", and a FIFO would block the actor. ``refused`` then says why, once."""
 
     path: Path
     offset: int = 0
     inode: int | None = None
+    root: Path | None = None
+    rel: str | None = None
+    refused: str = ""
 
 
 @dataclass
@@ -275,12 +278,7 @@ class BenchWorker:
         cwd = Path(spec["cwd"])
         job_tag = spec["job_tag"]
         log_path = self.base / "logs" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', job_tag)}-{uuidlib.uuid4().hex[:6]}.log"
-        job = _Job({"log": _Mirror(log_path)})
-        for name, rel in spec.get("mirrors", {}).items():
-            path = cwd / rel
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)  # the engine removed its copy: a bench starts from nothing
-            job.mirrors[name] = _Mirror(path)
+        job = _Job({"log": _Mirror(log_path), **self._mirrors(cwd, spec.get("mirrors", {}))})
         self.jobs[job_tag] = job
         env = dict(spec["env"])
         if self.gpu is not None:  # the GPU Ray gave this actor, whatever the engine's slots said
@@ -304,9 +302,25 @@ class BenchWorker:
             self.jobs.pop(job_tag, None)
             with contextlib.suppress(OSError):
                 log_path.unlink()
+        refused = "; ".join(m.refused for m in job.mirrors.values() if m.refused)
+        note = "; ".join(x for x in (result.note, refused) if x)
         return {"rc": result.rc, "timed_out": result.timed_out, "cancelled": result.cancelled,
-                "duration_s": result.duration_s, "tail": result.tail, "note": result.note,
+                "duration_s": result.duration_s, "tail": result.tail, "note": note,
                 "cut_bytes": result.cut_bytes, "chunks": chunks}
+
+    @staticmethod
+    def _mirrors(cwd: Path, wanted: Mapping[str, str]) -> dict[str, _Mirror]:
+        """The worktree files a command's bytes are shipped from, each removed first (the engine
+        removed its copy: a bench starts from nothing) without following a link on the way."""
+        mirrors: dict[str, _Mirror] = {}
+        for name, rel in wanted.items():
+            inside = relative_beneath(cwd, rel)
+            if inside is None:
+                continue  # only files of the worktree are mirrored (the engine computed rel inside it)
+            with contextlib.suppress(OSError, UnsafePath):  # UnsafePath: a folder on the way is a link
+                unlink_beneath(cwd, inside)
+            mirrors[name] = _Mirror(cwd / inside, root=cwd, rel=inside)
+        return mirrors
 
     @staticmethod
     def _drain(job: _Job) -> list[tuple[str, bool, bytes]]:
@@ -315,7 +329,17 @@ class BenchWorker:
         out: list[tuple[str, bool, bytes]] = []
         for name, mirror in job.mirrors.items():
             try:
-                with open(mirror.path, "rb") as fh:
+                fd = _open_mirror(mirror)
+            except UnsafePath as exc:
+                if not mirror.refused:
+                    mirror.refused = f"{name} file {exc}"  # shown through the evaluator's printable()
+                continue  # never read through it; the engine's copy gets nothing from it
+            except OSError:
+                continue
+            if fd is None:
+                continue  # not written yet
+            try:
+                with os.fdopen(fd, "rb") as fh:
                     st = os.fstat(fh.fileno())
                     reset = (mirror.inode is not None and st.st_ino != mirror.inode) or st.st_size < mirror.offset
                     if reset:
@@ -324,7 +348,7 @@ class BenchWorker:
                     fh.seek(mirror.offset)
                     data = fh.read(max(0, st.st_size - mirror.offset))
             except OSError:
-                continue  # not written yet
+                continue
             mirror.offset += len(data)
             if data or reset:
                 out.append((name, reset, data))
@@ -351,6 +375,24 @@ class BenchWorker:
         killed = await asyncio.to_thread(kill_jobs_with_prefix, self.job_prefix)
         await asyncio.to_thread(shutil.rmtree, self.base, True)
         return killed
+
+
+def _open_mirror(mirror: _Mirror) -> int | None:
+    """A read-only fd of a mirrored file, None when absent; ``UnsafePath`` for a link, FIFO or
+    device. A worktree file is walked beneath its worktree; the worker's own log (outside any
+    worktree) is opened without following a link and non-blocking, and must be a regular file."""
+    if mirror.root is not None and mirror.rel is not None:
+        return open_beneath(mirror.root, mirror.rel)
+    try:
+        fd = os.open(mirror.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UnsafePath(f"{mirror.path.name} cannot be opened ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(f"{mirror.path.name} is not a regular file")
+    return fd
 
 
 def _sweep_node(prefix: str) -> tuple[str, int]:

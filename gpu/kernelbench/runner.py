@@ -3,14 +3,35 @@
     python -m looptree.gpu.kernelbench.runner --problem problem.py [--solution solution.py] [--metrics metrics.csv]
                            [--json result.json] [--precision fp32|fp16|bf16] [--protocol looptree|kernelbench]
 
-Two processes. The one started by this command (the *launcher*) never imports torch nor any
-candidate code: it starts the bench in a child process, keeps its own clock (wall and the
-child's CPU time) around every timed trial the child announces on a pipe, and finally writes
-the JSON and the metrics row. Reported times that the launcher's clock contradicts, and
-speed-ups beyond KernelBench's 10x threshold that it cannot confirm, make the result
-**suspect**: not credited (exit 1, no metrics row) and ``suspect: true`` in the JSON.
+Three processes. The one started by this command (the *launcher*) never imports torch nor any
+candidate code. It starts the *reference's process*, which times eager PyTorch and
+torch.compile and never imports solution.py, then the *candidate's process*, which imports it.
+Nothing a process that ran candidate code writes is evidence: it owns its pipes, its memory, its
+clocks and any file it can name. So:
+- The launcher clocks every timed trial itself. Each trial is paced by it: the child asks for
+  the trial's seed (drawn by the launcher, so no input can be known earlier), says when the
+  inputs are made, gets "go" (the launcher's clock starts), says "done" (it stops), then commits a
+  digest of the output. The figures (``eager_ms``, ``compile_ms``, ``runtime_ms``, the
+  speed-ups) are the launcher's, less its own round trip to the child (calibrated in the
+  reference's process), the same way on both sides. Work moved out of the timed call (a "done"
+  sent early, a clock slowed inside) shows as a trial that takes longer, on the launcher's clock,
+  than its call plus what the reference's trials need besides the call: beyond the tolerance
+  (``ACCOUNT_*``) the result is **suspect**; a time the candidate's process claims that is less
+  than a third of what the launcher saw is suspect too.
+- The reference's process judges: it checks ModelNew's outputs on KernelBench's correctness
+  seeds, and on timed trials the launcher picks only after their digests are committed (a few
+  at random and the last), against its own reference on the same inputs. Outputs travel as raw
+  bytes with a JSON description (never pickled), bounded by the reference's output size.
+- The candidate's own report (its result record, its in-process checks, stdout) can only count
+  against it: a failure or a tampering it found in itself. Before the launcher writes the JSON
+  and the metrics row, every process the candidate started is killed (the launcher is their
+  subreaper), the output paths are never passed to a child, and while the candidate runs the
+  launcher and the judge are not dumpable (a process of the same user cannot trace them or open
+  their pipes through /proc).
 
-Why this order of work in the child (one process, so the three timings share a device state):
+The order of work inside a bench process (all of it with ``--in-process``, which has no clock
+outside the process: speed-ups over 10x are then suspect; the candidate's process does steps 2-5
+the same way, as a second net whose findings only count against it):
 1. The clocks (``perf_counter_ns``, CUDA events) are taken and everything about the reference
    happens *before* solution.py is imported: a fingerprint of its output, the eager timing,
    the ``torch.compile`` timing. A solution that patches torch (or the problem, or the clock)
@@ -51,7 +72,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -85,8 +105,11 @@ KB_COMMIT = "423217d9fda91e0c2d67e4a43bf62f96f6d104f1"  # ScalingIntelligence/Ke
 EXCESSIVE_SPEEDUP = 10.0  # KernelBench's excessive_speedup_threshold
 PRECISION_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2}  # KernelBench get_tolerance_for_precision
 SPOT_CHECKS = 2  # timed trials (besides the last) whose outputs are compared with the reference
-OUTSIDE_FACTOR = 3.0  # the launcher's clock may exceed the reported trial time by this factor…
-OUTSIDE_FLOOR_MS = 0.05  # …plus the pipe's latency and this much
+JUDGED_SHARE = 0.25  # …or this share of them when the judge compares (a cheap wrong output on most trials,
+# to move the median, then passes every check with probability below 0.5 ** checks)
+OUTSIDE_FACTOR = 3.0  # the launcher's clock may exceed the time the candidate's process claims by this factor…
+OUTSIDE_FLOOR_MS = 0.05  # …plus this much, or the claim is a tampered clock (suspect)
+RESOLUTION_MS = 0.005  # the launcher's per-trial figure is never taken below this (its clock's resolution)
 _OOM_WORDS = ("out of memory", "outofmemoryerror", "memoryerror", "can't allocate memory",
               "cannot allocate memory", "std::bad_alloc", "failed to allocate memory")
 
@@ -129,6 +152,9 @@ class BenchResult:
     excessive_speedup: bool = False  # what KernelBench flags: > 10x over eager
     tampering: list[str] = field(default_factory=list)
     outside: dict[str, Any] = field(default_factory=dict)  # the launcher's own clock
+    eager_inside_ms: float | None = None  # the reference's process's own figures (no candidate ran there)
+    compile_inside_ms: float | None = None
+    runtime_claimed_ms: float | None = None  # what the candidate's process said: never evidence
     stage: str = ""  # the last stage begun (a killed bench says where it was)
 
 
@@ -511,13 +537,21 @@ class _Trials:
                 self.on_tamper(changed, when)
 
 
-def _time(trials: _Trials, args: argparse.Namespace, device: str, phase: str) -> Any:
+def _time(trials: _Trials | _NoopTrials, args: argparse.Namespace, device: str, phase: str) -> Any:
+    """Time ``trials`` in this process; as a launcher's child, every trial is paced (and clocked)
+    by the launcher through ``_Paced``: the figures computed here are then only the child's claim."""
     _warm(trials.call, args.warmup_seconds, device)
-    _PROGRESS.phase(phase, "begin")
+    hooks: tuple[Callable[[int], None], Callable[[int], None], Callable[[str], None]]
+    if _CHAN is not None:
+        paced = _Paced(_CHAN, trials)
+        hooks = (paced.before, paced.after, paced.mark)
+    else:
+        hooks = (trials.before, trials.after, _PROGRESS.mark)
+    _PROGRESS.phase(phase, f"begin {trials.total}")
     try:
         return _timing.time_callable(trials.call, warmup=args.warmup, trials=args.trials, device=device,
                                      flush_l2=args.flush, discard_first=args.discard_first,
-                                     before=trials.before, after=trials.after, marker=_PROGRESS.mark)
+                                     before=hooks[0], after=hooks[1], marker=hooks[2])
     finally:
         _PROGRESS.phase(phase, "end")
 
@@ -627,8 +661,13 @@ def apply_precision(args: argparse.Namespace) -> None:
         args.discard_first = 1 if kb else 0
 
 
-def run_bench(args: argparse.Namespace, result: BenchResult) -> None:
-    """The whole bench; raises BenchFailure on any verdict other than success."""
+def run_bench(args: argparse.Namespace, result: BenchResult, role: str = "all") -> tuple[Any, Any] | None:
+    """The bench; raises BenchFailure on any verdict other than success.
+
+    ``role``: ``all`` (``--in-process``: everything here), ``reference`` (the launcher's trusted
+    child: the baselines, the calibration and the correctness seeds; returns the task and the
+    reference for judging) or ``candidate`` (the launcher's untrusted child: ModelNew only; its
+    outputs go to the judge, and every figure it computes is only its claim)."""
     try:
         import torch
     except ImportError as exc:
@@ -686,16 +725,32 @@ def run_bench(args: argparse.Namespace, result: BenchResult) -> None:
         with _stage("running the reference", device, reference=True):
             fp_out = _snapshot(reference(*fp_in))
         del fp_in
-        with _stage("timing the eager reference", device, reference=True):
-            eager = _time(_Trials(task, reference, args), args, device, "time:eager")
-        result.eager_ms = _stat(eager, args)
-        result.eager_median_ms, result.eager_mean_ms = float(eager.median), float(eager.mean)
-        result.eager_wall_ms = _wall(eager)
-        result.timing_method = eager.method
-        result.compile_ms = _time_compile(task, reference, args, device, result.eager_ms, result)
+        if role == "reference":
+            # The same per-trial work as in the candidate's process (a guard restored around each
+            # trial), so the launcher can compare what each side's trials cost outside the call.
+            task.guard = ProcessGuard([("problem", module), *_reference_classes(reference)],
+                                      threads=result.threads if device == "cpu" else None)
+        if role != "candidate":
+            with _stage("timing the eager reference", device, reference=True):
+                eager = _time(_Trials(task, reference, args, guard=task.guard), args, device, "time:eager")
+            result.eager_ms = _stat(eager, args)
+            result.eager_median_ms, result.eager_mean_ms = float(eager.median), float(eager.mean)
+            result.eager_wall_ms = _wall(eager)
+            result.timing_method = eager.method
+            result.compile_ms = _time_compile(task, reference, args, device, result.eager_ms, result)
+        if role == "reference":
+            with _stage("calibrating the launcher's clock", device, reference=True):
+                _time(_NoopTrials(args), args, device, "calibrate")
+            result.seeds_checked = kernelbench_trial_seeds(args.seeds)
+            if fp_out and not any(t.is_floating_point() or t.is_complex() for t in fp_out):
+                args.atol = args.rtol = None  # integer outputs (indices, counts) must match exactly
+            result.atol, result.rtol = args.atol, args.rtol
+            task.guard = None
+            result.ok = True
+            return task, reference
         if args.solution is None:
             result.ok = True
-            return
+            return None
 
         # 2. the candidate: a snapshot of the process first, then the import
         guard = ProcessGuard([("problem", module), *_reference_classes(reference)],
@@ -730,12 +785,15 @@ def run_bench(args: argparse.Namespace, result: BenchResult) -> None:
             args.atol = args.rtol = None  # integer outputs (indices, counts) must match exactly
         del fp_out
         _check_correctness(task, reference, candidate, args, result)
+        if role == "candidate":  # the verdict that counts: the judge's, on outputs sent to it
+            _send_for_judging(task, candidate, args, device)
         result.correct = True
 
-        # 3. timing the candidate, each trial on fresh inputs, a few outputs spot-checked
+        # 3. timing the candidate, each trial on fresh inputs, a few outputs spot-checked (by the
+        # judge when paced by the launcher: it picks the trials once their outputs are committed)
         with _stage("timing ModelNew", device, reference=False):
-            _calibrate()
-            trials = _Trials(task, candidate, args, reference=reference, guard=guard, on_tamper=tampered)
+            trials = _Trials(task, candidate, args, reference=reference if role == "all" else None, guard=guard,
+                             on_tamper=tampered)
             timing = _time(trials, args, device, "time:candidate")
             del trials
     result.tampering = tampering
@@ -743,14 +801,16 @@ def run_bench(args: argparse.Namespace, result: BenchResult) -> None:
     result.runtime_ms = runtime
     result.runtime_median_ms, result.runtime_mean_ms = float(timing.median), float(timing.mean)
     result.runtime_wall_ms = _wall(timing)
-    result.speedup_vs_eager = result.eager_ms / runtime if runtime > 0 else math.inf
-    result.speedup_vs_compile = (result.compile_ms or 0.0) / runtime if runtime > 0 else math.inf
-    result.excessive_speedup = result.speedup_vs_eager > EXCESSIVE_SPEEDUP
+    if result.eager_ms is not None:
+        result.speedup_vs_eager = result.eager_ms / runtime if runtime > 0 else math.inf
+        result.speedup_vs_compile = (result.compile_ms or 0.0) / runtime if runtime > 0 else math.inf
+        result.excessive_speedup = result.speedup_vs_eager > EXCESSIVE_SPEEDUP
     if tampering:
         result.suspect = True
         raise BenchFailure(f"suspect: solution.py tampered with the process: {'; '.join(tampering)}",
                            EXIT_CANDIDATE, correct=True)
     result.ok = True
+    return None
 
 
 def _wall(timing: Any) -> float:
@@ -759,13 +819,22 @@ def _wall(timing: Any) -> float:
     return float(statistics.median(walls))
 
 
-def _calibrate(pairs: int = 20) -> None:
-    """Empty marked regions: the launcher learns the pipe's latency from them."""
-    _PROGRESS.phase("calibrate", "begin")
-    for _ in range(pairs):
-        _PROGRESS.mark("B")
-        _PROGRESS.mark("E")
-    _PROGRESS.phase("calibrate", "end")
+class _NoopTrials:
+    """Empty paced trials: the launcher learns its own round trip to the child from them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.total = args.trials + args.discard_first
+        self.seeds = [0] * self.total
+        self.out: Any = None
+
+    def call(self) -> None:
+        self.out = None
+
+    def before(self, i: int) -> None:
+        pass
+
+    def after(self, i: int) -> None:
+        pass
 
 
 def write_metrics(path: str, result: BenchResult) -> None:
@@ -789,111 +858,392 @@ def write_metrics(path: str, result: BenchResult) -> None:
         writer.append(row)
 
 
-# --------------------------------------------------------------------------- the launcher's clock
+# --------------------------------------------------------------------------- the children's side
 
 
-@dataclass
-class _Mark:
-    kind: str  # "S" stage, "P" phase, "B"/"E" around a timed trial
-    text: str
-    ns: int
-    cpu_s: float | None
+class _FdReader:
+    """Lines and exact byte counts from a pipe, with a bound on a line (a hostile writer)."""
 
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = bytearray()
 
-def _child_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of every thread of ``pid`` (Linux /proc), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read().decode(errors="replace")
-        rest = data[data.rindex(")") + 2:].split()
-        return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _read_marks(fd: int, pid_box: list[int], marks: list[_Mark]) -> None:
-    with os.fdopen(fd, "rb", buffering=0) as fh:
-        pending = b""
+    def readline(self, limit: int) -> bytes | None:
+        """The next line without its newline; None at end of file; ValueError past ``limit``."""
         while True:
-            chunk = fh.read(65536)
-            now = _monotonic_ns()
+            i = self.buf.find(b"\n")
+            if i >= 0:
+                line = bytes(self.buf[:i])
+                del self.buf[:i + 1]
+                return line
+            if len(self.buf) > limit:
+                raise ValueError(f"a line longer than {limit} bytes")
+            chunk = os.read(self.fd, 65536)
             if not chunk:
-                return
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                line = raw.decode(errors="replace")
-                kind, _, text = line.partition(" ")
-                cpu = _child_cpu_seconds(pid_box[0]) if kind in ("P", "S") and pid_box else None
-                marks.append(_Mark(kind, text, now, cpu))
+                return None
+            self.buf += chunk
+
+    def readinto(self, view: memoryview) -> bool:
+        """Fill ``view`` exactly; False when the pipe ends first."""
+        take = min(len(view), len(self.buf))
+        view[:take] = self.buf[:take]
+        del self.buf[:take]
+        pos = take
+        while pos < len(view):
+            got = os.readv(self.fd, [view[pos:]])
+            if got == 0:
+                return False
+            pos += got
+        return True
 
 
-def _phase_figures(marks: list[_Mark]) -> dict[str, dict[str, Any]]:
-    """Per phase: the launcher's per-trial times (ms), wall and CPU seconds."""
-    phases: dict[str, dict[str, Any]] = {}
-    current: str | None = None
-    begin: _Mark | None = None
-    start_ns: int | None = None
-    for m in marks:
-        if m.kind == "P":
-            name, _, event = m.text.rpartition(" ")
-            if event == "begin":
-                current, begin = name, m
-                phases[name] = {"trials_ms": []}
-            elif event == "end" and current == name and begin is not None:
-                ph = phases[name]
-                ph["wall_s"] = (m.ns - begin.ns) / 1e9
-                if m.cpu_s is not None and begin.cpu_s is not None:
-                    ph["cpu_s"] = m.cpu_s - begin.cpu_s
-                current = None
-        elif m.kind == "B":
-            start_ns = m.ns
-        elif m.kind == "E" and start_ns is not None and current is not None:
-            phases[current]["trials_ms"].append((m.ns - start_ns) / 1e6)
-            start_ns = None
-    return phases
+class _Chan:
+    """A child's end of the launcher's pipes: lines out (shared with the stage lines), commands in."""
+
+    def __init__(self, cmd_fd: int, judge_fd: int | None) -> None:
+        self.commands = _FdReader(cmd_fd)
+        self.judge_fd = judge_fd  # the candidate: outputs to the judge; the reference: outputs from it
+
+    def send(self, line: str) -> None:
+        _PROGRESS.send(line)
+
+    def recv(self) -> str:
+        line = self.commands.readline(4096)
+        if line is None:
+            raise BenchFailure("the launcher went away", EXIT_PROBLEM)
+        return line.decode(errors="replace")
 
 
-def outside_verdict(result: dict[str, Any], phases: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """Does the launcher's clock agree with the times the bench reported? ('' when it does)."""
-    figures: dict[str, Any] = {}
-    eager = phases.get("time:eager", {}).get("trials_ms") or []
-    cand = phases.get("time:candidate", {}).get("trials_ms") or []
-    calib = phases.get("calibrate", {}).get("trials_ms") or []
-    claimed_cand = result.get("runtime_wall_ms") or result.get("runtime_median_ms")
-    claimed_ref = result.get("eager_wall_ms") or result.get("eager_median_ms")
-    speedup = result.get("speedup_vs_eager")
-    if not cand or not eager or claimed_cand is None or claimed_ref is None or speedup is None:
-        if speedup is not None and speedup > EXCESSIVE_SPEEDUP:
-            return (f"speed-up {speedup:.3g}x exceeds KernelBench's {EXCESSIVE_SPEEDUP:g}x threshold and no clock "
-                    "outside the bench process confirms it"), figures
-        return "", figures
-    latency = statistics.median(calib) if calib else 0.0
-    resolution = max(OUTSIDE_FLOOR_MS, 2 * latency)
-    o_ref = max(0.0, statistics.median(eager) - latency)
-    o_cand = max(0.0, statistics.median(cand) - latency)
-    figures = {"eager_ms": round(o_ref, 6), "runtime_ms": round(o_cand, 6), "latency_ms": round(latency, 6),
-               "speedup_vs_eager": round(o_ref / max(o_cand, resolution), 4)}
-    for name in ("time:eager", "time:candidate"):
-        ph = phases.get(name, {})
-        if ph.get("cpu_s") is not None and ph.get("wall_s"):
-            figures[f"{name.split(':')[1]}_cores"] = round(ph["cpu_s"] / ph["wall_s"], 3)
-    if speedup > 1 and o_cand > OUTSIDE_FACTOR * claimed_cand + resolution:
-        return (f"the launcher's clock saw ModelNew's timed calls take {o_cand:.4g} ms (median) where the bench "
-                f"reported {claimed_cand:.4g} ms: the clock inside the bench was tampered with"), figures
-    cores_ref, cores_cand = figures.get("eager_cores"), figures.get("candidate_cores")
-    threads = result.get("threads") or 0
-    if (result.get("device") == "cpu" and threads == 1 and cores_ref is not None and cores_cand is not None
-            and phases["time:candidate"]["wall_s"] >= 0.3 and cores_cand > max(1.5, 1.5 * cores_ref)):
-        return (f"ModelNew kept {cores_cand:.2g} cores busy while timed with 1 thread (the reference "
-                f"{cores_ref:.2g}): it raised the thread count"), figures
-    if speedup > EXCESSIVE_SPEEDUP:
-        confirmed = o_ref >= claimed_ref / OUTSIDE_FACTOR and o_ref / max(o_cand, resolution) >= EXCESSIVE_SPEEDUP
-        figures["confirmed"] = confirmed
-        if not confirmed:
-            return (f"speed-up {speedup:.3g}x exceeds KernelBench's {EXCESSIVE_SPEEDUP:g}x threshold and the "
-                    f"launcher's clock does not confirm it (it saw {figures['speedup_vs_eager']:.3g}x)"), figures
-    return "", figures
+_CHAN: _Chan | None = None  # set in the launcher's children: trials are paced by the launcher
+
+
+class _Paced:
+    """One trial's handshake with the launcher, around ``time_callable``'s own hooks.
+
+    ``A`` asks for the trial's seed (the launcher draws it, so nothing in this process can know
+    it earlier), ``R`` says the inputs are made (the launcher answers ``G`` and starts its clock),
+    ``D`` says the call returned (the launcher stops its clock), ``H`` commits a digest of the
+    output before the launcher says whether the judge wants it (``V nonce``) or not (``N``): the
+    work has to be done by then, and the launcher clocks that too."""
+
+    def __init__(self, chan: _Chan, trials: Any) -> None:
+        self.chan = chan
+        self.trials = trials
+
+    def before(self, i: int) -> None:
+        self.chan.send("A")
+        self.trials.seeds[i] = int(self.chan.recv())
+        self.trials.before(i)
+
+    def mark(self, what: str) -> None:
+        if what == "B":
+            self.chan.send("R")
+            if self.chan.recv() != "G":
+                raise BenchFailure("the launcher broke the trial protocol", EXIT_PROBLEM)
+        elif what == "E":
+            self.chan.send("D")
+
+    def after(self, i: int) -> None:
+        out = self.trials.out
+        self.trials.after(i)
+        header, leaves = _encode_output(out)
+        self.chan.send(f"H {_output_digest(header, leaves)}")
+        answer = self.chan.recv()
+        if answer.startswith("V "):
+            _send_output(self.chan.judge_fd, answer[2:], header, leaves)
+            self.chan.send("O")
+        self.trials.out = None
+
+
+# An output travels to the judge as: the nonce line, a JSON header line describing the structure
+# (tensors by dtype and shape, numbers by value), then each tensor's raw bytes. Never pickle: the
+# judge must not run code the candidate chose.
+_FRAME_HEADER_MAX = 1 << 20
+_DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "complex64", "complex128", "int8", "int16",
+                "int32", "int64", "uint8", "bool")
+
+
+def _encode_output(value: Any) -> tuple[bytes, list[Any]]:
+    """(the JSON description, the tensors in the order their bytes follow)."""
+    leaves: list[Any] = []
+    tree = _describe_output(value, leaves)
+    return json.dumps(tree, sort_keys=True, separators=(",", ":")).encode(), leaves
+
+
+def _describe_output(v: Any, leaves: list[Any]) -> Any:
+    # A module-level function, not a closure: a recursive closure is a reference cycle, which
+    # kept every trial's output alive until the garbage collector happened to run.
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        leaves.append(v.detach())
+        return {"t": str(v.dtype).removeprefix("torch."), "shape": [int(d) for d in v.shape]}
+    if isinstance(v, (list, tuple)):
+        return {"l": [_describe_output(x, leaves) for x in v]}
+    if isinstance(v, dict):
+        return {"d": [[str(k), _describe_output(x, leaves)] for k, x in v.items()]}
+    if v is None:
+        return {"n": 0}
+    if isinstance(v, (bool, int, float)):
+        return {"s": v}
+    return {"o": repr(v)[:200]}
+
+
+def _leaf_chunks(t: Any) -> Iterator[Any]:
+    import torch
+
+    from looptree.gpu.bench.correctness import CHUNK
+
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), CHUNK):
+        part = flat[i:i + CHUNK].to("cpu").contiguous()
+        if part.dtype == torch.bool:
+            part = part.to(torch.uint8)
+        yield part.view(torch.uint8).numpy()
+
+
+def _output_digest(header: bytes, leaves: list[Any]) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(header, digest_size=16)
+    for t in leaves:
+        for chunk in _leaf_chunks(t):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_all(fd: int | None, data: Any) -> None:
+    if fd is None:
+        raise BenchFailure("no pipe to the judge", EXIT_PROBLEM)
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _send_output(fd: int | None, nonce: str, header: bytes, leaves: list[Any]) -> None:
+    _write_all(fd, nonce.encode() + b"\n" + header + b"\n")
+    for t in leaves:
+        for chunk in _leaf_chunks(t):
+            _write_all(fd, chunk)
+
+
+def _read_output(reader: _FdReader, nonce: str, max_bytes: int) -> tuple[Any, str]:
+    """The judge's side: (the output, its digest); _Fail on anything malformed or too large."""
+    import hashlib
+
+    import torch
+
+    from looptree.gpu.bench.correctness import _Fail
+
+    line = reader.readline(256)
+    if line is None:
+        raise _Fail("ModelNew's process sent no output (it ended first)")
+    if line.decode(errors="replace") != nonce:
+        raise _Fail("ModelNew's process sent something other than the output asked for")
+    try:
+        header = reader.readline(_FRAME_HEADER_MAX)
+    except ValueError:
+        raise _Fail("the output's description is larger than 1 MiB") from None
+    if header is None:
+        raise _Fail("ModelNew's process sent no output (it ended first)")
+    h = hashlib.blake2b(header, digest_size=16)
+    try:
+        tree = json.loads(header)
+    except ValueError:
+        raise _Fail("the output's description is not JSON") from None
+    total = [0]
+    dtypes = {name: getattr(torch, name) for name in _DTYPE_NAMES}
+
+    def dec(node: Any, depth: int = 0) -> Any:
+        if depth > 64 or not isinstance(node, dict) or len(node) not in (1, 2):
+            raise _Fail("the output's description is malformed")
+        if "t" in node:
+            dtype, shape = dtypes.get(node["t"]), node.get("shape")
+            if dtype is None or not isinstance(shape, list) or not all(isinstance(x, int) and x >= 0 for x in shape):
+                raise _Fail(f"an output tensor of an unsupported dtype or shape ({str(node)[:80]})")
+            numel = math.prod(shape)
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            total[0] += nbytes
+            if total[0] > max_bytes:
+                raise _Fail(f"the output is larger than the reference's ({total[0]} bytes so far)")
+            if nbytes == 0:
+                return torch.empty(shape, dtype=dtype)
+            buf = bytearray(nbytes)
+            if not reader.readinto(memoryview(buf)):
+                raise _Fail("ModelNew's process sent a truncated output")
+            h.update(buf)
+            raw = torch.frombuffer(buf, dtype=torch.uint8)
+            return raw.view(dtype).reshape(shape)
+        if "l" in node and isinstance(node["l"], list):
+            return [dec(x, depth + 1) for x in node["l"]]
+        if "d" in node and isinstance(node["d"], list):
+            if not all(isinstance(kv, list) and len(kv) == 2 for kv in node["d"]):
+                raise _Fail("the output's description is malformed")
+            return {str(k): dec(v, depth + 1) for k, v in node["d"]}
+        if "n" in node:
+            return None
+        if "s" in node and isinstance(node["s"], (bool, int, float)):
+            return node["s"]
+        if "o" in node:
+            return str(node["o"])
+        raise _Fail("the output's description is malformed")
+
+    value = dec(tree)
+    return value, h.hexdigest()
+
+
+def _send_for_judging(task: Task, candidate: Any, args: argparse.Namespace, device: str) -> None:
+    """The candidate's outputs on KernelBench's correctness seeds, one at a time, to the judge."""
+    assert _CHAN is not None
+    from looptree.gpu.bench.correctness import _device_sync
+
+    for seed in kernelbench_trial_seeds(args.seeds):
+        with _stage(f"sending ModelNew's output on seed {seed} to the judge", device, reference=False):
+            out = candidate(*task.make_inputs(seed))
+            _device_sync()
+            header, leaves = _encode_output(out)
+            _CHAN.send(f"C {seed}")
+            answer = _CHAN.recv()
+            if not answer.startswith("V "):
+                raise BenchFailure("the launcher broke the judging protocol", EXIT_PROBLEM)
+            _send_output(_CHAN.judge_fd, answer[2:], header, leaves)
+            _CHAN.send("O")
+            del out, leaves
+
+
+def _judge(chan: _Chan, task: Task, reference: Any, args: argparse.Namespace) -> None:
+    """The reference's process, once its own figures are sent: compare what the candidate's process
+    sends with the reference's output on the same seed, with the correctness checks (values at
+    the tolerance, NaN, all zeros, an input handed back, one output for different inputs), and
+    check that a timed trial's output is the one whose digest was committed when it ended.
+
+    Commands: ``J <seed> <nonce> <digest or -> <c|t>``; answers ``J ok <max abs err>`` or
+    ``J fail <reason>`` (after a failure the stream is out of step: judging ends)."""
+    from looptree.gpu.bench.correctness import (
+        _all_zero,
+        _check_pair,
+        _device_sync,
+        _digests,
+        _Fail,
+        _leaves,
+        _pairs,
+        _structure,
+    )
+
+    reader = _FdReader(chan.judge_fd) if chan.judge_fd is not None else None
+    previous: tuple[list[bytes], list[bytes]] | None = None
+    while True:
+        line = chan.commands.readline(4096)
+        if line is None or line == b"Q" or reader is None:
+            return
+        try:
+            _, seed_text, nonce, committed, kind = line.decode().split()
+            seed = int(seed_text)
+        except ValueError:
+            chan.send("J fail the launcher sent a malformed judging command")
+            return
+        try:
+            inputs = task.make_inputs(seed)
+            in_digests = _digests(list(_leaves(_structure(inputs, "input"))))
+            expected = reference(*inputs)
+            _device_sync()
+            del inputs
+            ref_s = _structure(expected)
+            ref_leaves = list(_leaves(ref_s))
+            ref_bytes = sum(t.numel() * t.element_size() for t in _tensors(expected))
+            got, digest = _read_output(reader, nonce, 2 * ref_bytes + (1 << 20))
+            if committed != "-" and digest != committed:
+                raise _Fail("the output sent for checking is not the one ModelNew's trial committed to when it "
+                            "ended (its digest differs): the work was not done inside the trial")
+            cand_s = _structure(got)
+            worst = 0.0
+            for r, c in _pairs(ref_s, cand_s):
+                err, _rel = _check_pair(r, c, True, [], in_digests, [], args.atol, args.rtol)
+                worst = max(worst, err)
+            if kind == "c":
+                ref_d, cand_d = _digests(ref_leaves), _digests(list(_leaves(cand_s)))
+                if previous is not None and ref_d != previous[0] and cand_d == previous[1]:
+                    raise _Fail(f"the same output for different inputs (seed {seed} vs the previous seed) although "
+                                "the reference's changed: cached result?")
+                previous = (ref_d, cand_d)
+                if any(c.comparable and c.size > 0 and _all_zero(c) for c in _leaves(cand_s)) and not any(
+                        r.comparable and r.size > 0 and _all_zero(r) for r in ref_leaves):
+                    raise _Fail("output is all zeros (the reference's is not)")
+            chan.send(f"J ok {worst!r}")
+            del expected, got, ref_s, cand_s, ref_leaves
+        except _Fail as fail:
+            chan.send("J fail " + " ".join(fail.reason.split())[:400])
+            return
+        except Exception as exc:  # noqa: BLE001 - the judge must answer, whatever the data did to it
+            what = "out of memory" if is_oom(exc) else "error"
+            chan.send(f"J fail the judge could not check the output ({what}: {_one_line(exc)})")
+            return
+
+
+def _set_dumpable(on: bool) -> None:
+    """PR_SET_DUMPABLE: a process that is not dumpable cannot be traced, nor its memory or file
+    descriptors opened through /proc, by another process of the same user without privileges."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 1 if on else 0)  # PR_SET_DUMPABLE
+    except (OSError, AttributeError):
+        pass
+
+
+def _child_main(args: argparse.Namespace) -> int:
+    """A launcher's child: the reference (trusted: it never imports the candidate, then judges) or
+    the candidate (untrusted: whatever it reports can only count against it)."""
+    global _CHAN
+    role = args.child_role
+    if role == "reference":
+        _set_dumpable(False)  # the candidate's process, a sibling, cannot reach into the judge
+    _CHAN = _Chan(args.child_cmd_fd, args.child_judge_fd)
+    _PROGRESS.fd = args.child_fd
+    result = BenchResult(problem=str(args.problem), solution=str(args.solution) if args.solution else None)
+    _PROGRESS.result = result
+    judged: tuple[Any, Any] | None = None
+    try:
+        judged = run_bench(args, result, role=role)
+    except BenchFailure as exc:
+        result.ok, result.reason, result.exit_code, result.oom = False, exc.reason, exc.exit_code, exc.oom
+        if exc.correct is not None:
+            result.correct = exc.correct
+    except Exception as exc:  # noqa: BLE001 - an internal error must still leave a reason behind
+        if is_oom(exc):
+            failure = oom_failure("benchmarking", exc, result.device or "cpu", reference=role != "candidate")
+            result.ok, result.reason, result.exit_code, result.oom = False, failure.reason, failure.exit_code, True
+        else:
+            traceback.print_exc()
+            result.ok, result.reason, result.exit_code = False, f"internal error: {_one_line(exc)}", EXIT_PROBLEM
+    _CHAN.send("X " + json.dumps(asdict(result), allow_nan=True))
+    sys.stdout.flush()
+    if judged is not None and args.solution:
+        torch = sys.modules.get("torch")
+        if torch is not None and result.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the candidate's process shares the device
+        _give_back_memory()  # the candidate's process runs beside this one now
+        with torch.no_grad() if torch is not None else _nullcontext():
+            _judge(_CHAN, judged[0], judged[1], args)
+    return result.exit_code
+
+
+def _give_back_memory() -> None:
+    """Return the heap the timing freed to the system (glibc keeps it otherwise)."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def _nullcontext() -> Iterator[None]:
+    yield
 
 
 def _oom_kills() -> int | None:
@@ -950,68 +1300,555 @@ def _die_with_parent() -> None:
         pass
 
 
-def launch(args: argparse.Namespace, argv: list[str]) -> BenchResult:
-    """Run the bench in a child process, keeping the launcher's own clock around each trial."""
-    result = BenchResult(problem=str(args.problem), solution=str(args.solution) if args.solution else None)
-    read_fd, write_fd = os.pipe()
-    with tempfile.TemporaryDirectory(prefix="kb_bench.") as tmp:
-        out = Path(tmp) / "result.json"
+# --------------------------------------------------------------------------- the launcher
+
+
+# The tolerance of the launcher's accounting: a candidate's trial (seed asked → digest committed)
+# may exceed its timed call plus what the reference's trials spend outside the call by
+ACCOUNT_FRAC = 0.5  # this share of the call…
+ACCOUNT_FLOOR_MS = 0.1  # …plus this much plus 5 round trips of the pipe…
+ACCOUNT_SLACK = 0.25  # …plus this share of the reference's time outside the call…
+ACCOUNT_NOISE = 2.0  # …plus this many times its spread (median − least): a loaded machine's clock confirms less
+
+
+class _ProtocolBroken(Exception):
+    pass
+
+
+@dataclass
+class _Trial:
+    seed: int
+    a: int  # ns on the launcher's clock: the child asked for the seed
+    r: int = 0  # the inputs were made
+    g: int = 0  # the launcher said go
+    d: int = 0  # the call returned
+    h: int = 0  # the output's digest was committed
+
+
+@dataclass
+class _Phase:
+    name: str
+    total: int
+    begin_ns: int
+    begin_cpu: float | None
+    trials: list[_Trial] = field(default_factory=list)
+    spots: set[int] = field(default_factory=set)
+    end_ns: int | None = None
+    end_cpu: float | None = None
+
+
+@dataclass
+class _Session:
+    """What the launcher saw of one child, on its own clock."""
+
+    phases: dict[str, _Phase] = field(default_factory=dict)
+    stages: list[str] = field(default_factory=list)
+    record: dict[str, Any] | None = None
+    judged: list[int] = field(default_factory=list)  # correctness seeds the judge accepted
+    max_abs_err: float = 0.0
+    failure: str = ""  # the judge's or the protocol's verdict against the candidate
+    failure_kind: str = ""  # "incorrect" | "suspect" | "protocol"
+
+
+def _child_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of every thread of ``pid`` (Linux /proc; the kernel's count), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read().decode(errors="replace")
+        rest = data[data.rindex(")") + 2:].split()
+        return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Child:
+    """One bench child: its lines stamped on receipt by a reader thread, commands written to it."""
+
+    def __init__(self, role: str, argv: list[str], judge_fd: int) -> None:
+        import queue
+
+        self.role = role
+        msg_r, msg_w = os.pipe()
+        cmd_r, cmd_w = os.pipe()
         cmd = [sys.executable, "-c", "import sys; from looptree.gpu.kernelbench.runner import main; sys.exit(main(sys.argv[1:]))",
-               *argv, "--_child-result", str(out), "--_child-fd", str(write_fd)]
-        kills_before = _oom_kills()
-        marks: list[_Mark] = []
-        pid_box: list[int] = []
+               *argv, "--_child-role", role, "--_child-fd", str(msg_w), "--_child-cmd-fd", str(cmd_r),
+               "--_child-judge-fd", str(judge_fd)]
+        self.lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
         try:
-            # preexec_fn is safe here: the launcher starts its reader thread only after the fork
-            proc = subprocess.Popen(cmd, pass_fds=(write_fd,), env=_child_env(),  # noqa: PLW1509
-                                    preexec_fn=_die_with_parent)
+            # preexec_fn is safe here: the reader thread starts only after the fork
+            self.proc = subprocess.Popen(cmd, pass_fds=(msg_w, cmd_r, judge_fd), env=_child_env(),  # noqa: PLW1509
+                                         preexec_fn=_die_with_parent)
+        finally:
+            os.close(msg_w)
+            os.close(cmd_r)
+        self.cmd_fd = cmd_w
+        self.reader = threading.Thread(target=self._read, args=(msg_r,), daemon=True)
+        self.reader.start()
+
+    def _read(self, fd: int) -> None:
+        reader = _FdReader(fd)
+        try:
+            while True:
+                try:
+                    raw = reader.readline(16 << 20)
+                except ValueError:
+                    raw = None
+                now = _monotonic_ns()
+                if raw is None:
+                    return
+                self.lines.put((now, raw.decode(errors="replace")))
+        except OSError:
+            return
+        finally:
+            self.lines.put((_monotonic_ns(), None))
+            os.close(fd)
+
+    def get(self) -> tuple[int, str | None]:
+        """The next line with its time of arrival; None once the child has ended (a process it left
+        behind holding the pipe open does not keep the launcher waiting)."""
+        import queue
+
+        while True:
+            try:
+                return self.lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    return _monotonic_ns(), None
+
+    def send(self, text: str) -> int:
+        """Write one command; returns the launcher's clock just before it left."""
+        now = _monotonic_ns()
+        try:
+            os.write(self.cmd_fd, (text + "\n").encode())
+        except OSError:
+            pass  # the child is gone; its end of file says so
+        return now
+
+    def close(self, grace: float | None = None) -> int:
+        try:
+            os.close(self.cmd_fd)
+        except OSError:
+            pass
+        try:
+            if grace is not None:
+                try:
+                    return self.proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+            return self.proc.wait()
+        except KeyboardInterrupt:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            raise
+
+
+def _judge_answer(judge: _Child) -> tuple[bool, str]:
+    while True:
+        _, line = judge.get()
+        if line is None:
+            return False, "the judge (the reference's process) ended before answering"
+        if line.startswith("J ok"):
+            return True, line[5:]
+        if line.startswith("J fail"):
+            return False, line[7:]
+
+
+def _drive(child: _Child, session: _Session, *, judge: _Child | None = None, seeds: list[int] | None = None,
+           trials: int | None = None, phases: tuple[str, ...] = ()) -> None:
+    """Serve one child's trials on the launcher's clock until its result record (the reference)
+    or its end (the candidate). Anything out of protocol from the candidate ends its session."""
+    phase: _Phase | None = None
+    trial: _Trial | None = None
+    rng = random.SystemRandom()
+    while True:
+        ns, line = child.get()
+        if line is None:
+            return
+        kind, _, text = line.partition(" ")
+        try:
+            if kind == "S":
+                session.stages.append(text[:300])
+            elif kind == "P":
+                name, _, event = text.partition(" ")
+                if event.startswith("begin") and phase is None and name in phases and name not in session.phases:
+                    total = int(event.split()[1])
+                    if trials is not None and total != trials:
+                        raise _ProtocolBroken(f"{total} timed trials announced where the reference had {trials}")
+                    phase = _Phase(name, total, ns, _child_cpu_seconds(child.proc.pid))
+                    if judge is not None and total > 0:
+                        checks = min(max(SPOT_CHECKS, int(JUDGED_SHARE * total)), total - 1)
+                        phase.spots = set(rng.sample(range(total - 1), checks)) | {total - 1}
+                elif event == "end" and phase is not None and phase.name == name:
+                    if len(phase.trials) == phase.total:  # else it failed part way: its record says why
+                        phase.end_ns, phase.end_cpu = ns, _child_cpu_seconds(child.proc.pid)
+                        session.phases[name] = phase
+                    phase, trial = None, None
+                else:
+                    raise _ProtocolBroken(f"unexpected phase line {line[:80]!r}")
+            elif kind == "A" and phase is not None and trial is None and len(phase.trials) < phase.total:
+                trial = _Trial(seed=secrets.randbelow(2**31 - 2) + 1, a=ns)
+                child.send(str(trial.seed))
+            elif kind == "R" and trial is not None and not trial.r:
+                trial.r = ns
+                trial.g = child.send("G")
+            elif kind == "D" and trial is not None and trial.g and not trial.d:
+                trial.d = ns
+            elif kind == "H" and trial is not None and trial.d and phase is not None:
+                trial.h = ns
+                index = len(phase.trials)
+                phase.trials.append(trial)
+                digest = text.strip()
+                if judge is not None and index in phase.spots:
+                    if not all(c in "0123456789abcdef" for c in digest) or not digest:
+                        raise _ProtocolBroken("a malformed output digest")
+                    nonce = secrets.token_hex(8)
+                    judge.send(f"J {trial.seed} {nonce} {digest} t")
+                    child.send(f"V {nonce}")
+                    ok, why = _judge_answer(judge)
+                    if not ok:
+                        last = index == phase.total - 1
+                        what = ("after its inputs were overwritten in place with new values" if last
+                                else f"while being timed (trial {index})")
+                        session.failure_kind = "incorrect"
+                        session.failure = (f"incorrect: an output ModelNew produced {what} differs from the "
+                                           f"reference's on the same inputs (cached or precomputed?): {why}")
+                        return
+                else:
+                    child.send("N")
+                trial = None
+            elif kind == "C" and judge is not None and seeds is not None and phase is None:
+                seed = int(text)
+                if len(session.judged) >= len(seeds) or seed != seeds[len(session.judged)]:
+                    raise _ProtocolBroken(f"an output for seed {seed} where the judge expected another")
+                nonce = secrets.token_hex(8)
+                judge.send(f"J {seed} {nonce} - c")
+                child.send(f"V {nonce}")
+                ok, why = _judge_answer(judge)
+                if not ok:
+                    session.failure_kind = "incorrect"
+                    session.failure = f"incorrect: ModelNew's output differs from Model's (seed {seed}): {why}"
+                    return
+                session.judged.append(seed)
+                try:
+                    session.max_abs_err = max(session.max_abs_err, float(why))
+                except ValueError:
+                    pass
+            elif kind == "O":
+                pass
+            elif kind == "X" and session.record is None:
+                record = json.loads(text)
+                session.record = record if isinstance(record, dict) else {}
+                return  # the reference judges next; the candidate's process has nothing more to say
+            else:
+                raise _ProtocolBroken(f"unexpected line {line[:80]!r}")
+        except (_ProtocolBroken, ValueError, IndexError) as exc:
+            who = "ModelNew's process" if judge is not None else "the reference's process"
+            session.failure_kind = "protocol"
+            session.failure = f"{who} broke the bench's protocol ({exc})"
+            return
+
+
+def _ms(ns: int) -> float:
+    return ns / 1e6
+
+
+def _figures(phase: _Phase | None, latency: float, discard: int, statistic: str) -> dict[str, Any]:
+    """The launcher's figures for one phase: the call (go → done, less its own round trip), what
+    each trial cost outside the call (making inputs, the digest), and each trial in all."""
+    if phase is None or not phase.trials:
+        return {}
+    kept = phase.trials[discard:] or phase.trials
+    calls = [max(RESOLUTION_MS, _ms(t.d - t.g) - latency) for t in kept]
+    outside = [_ms(t.r - t.a) + _ms(t.h - t.d) for t in kept]
+    whole = [_ms(t.h - t.a) for t in kept]
+    fig: dict[str, Any] = {
+        "inputs_ms": statistics.median([_ms(t.r - t.a) for t in kept]),
+        "digest_ms": statistics.median([_ms(t.h - t.d) for t in kept]),
+        "ms": statistics.fmean(calls) if statistic == "mean" else statistics.median(calls),
+        "median_ms": statistics.median(calls), "mean_ms": statistics.fmean(calls), "least_ms": min(calls),
+        "outside_ms": statistics.median(outside), "whole_ms": statistics.median(whole), "trials": len(kept),
+        # the least a trial cost besides its call: load spikes on a shared machine only ever add
+        "least_outside_ms": min(outside), "least_besides_call_ms": min(w - c for w, c in zip(whole, calls)),
+    }
+    if phase.end_ns is not None and phase.begin_cpu is not None and phase.end_cpu is not None:
+        wall = (phase.end_ns - phase.begin_ns) / 1e9
+        fig["wall_s"] = wall
+        if wall > 0:
+            fig["cores"] = (phase.end_cpu - phase.begin_cpu) / wall
+    return fig
+
+
+def _clip(value: Any, n: int = 400) -> str:
+    return " ".join(str(value).split())[:n]
+
+
+def _descendants(roots: set[int]) -> list[int]:
+    """Every live process below ``roots`` or this process's new children (Linux /proc)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                data = fh.read().decode(errors="replace")
+            parent[int(entry)] = int(data[data.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found: list[int] = []
+    frontier = set(roots)
+    while frontier:
+        kids = {pid for pid, ppid in parent.items() if ppid in frontier and pid not in found}
+        found += sorted(kids)
+        frontier = kids
+    return found
+
+
+def _end_candidate_tree(pid: int, before: set[int]) -> None:
+    """Kill the candidate's process and everything it started, orphans included (this process is
+    their subreaper), so none can write a file after the launcher has written the result."""
+    me = os.getpid()
+    for _ in range(20):
+        strays = _descendants({pid}) + [p for p in _descendants({me}) if p not in before and p != pid]
+        if not strays:
+            return
+        for victim in strays:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+        for victim in strays:  # orphans reparented here are ours to reap (only those: never -1)
+            try:
+                os.waitpid(victim, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+    """The bench's arguments without the output paths: no child needs to know where they are."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--json", "--metrics"):
+            skip = True
+            continue
+        if a.startswith(("--json=", "--metrics=")):
+            continue
+        out.append(a)
+    return out
+
+
+def _death(child: _Child, session: _Session, rc: int, kills_before: int | None) -> tuple[str, bool]:
+    stage = session.stages[-1] if session.stages else ""
+    return _death_reason(rc, stage, kills_before)
+
+
+def launch(args: argparse.Namespace, argv: list[str]) -> BenchResult:
+    """Run the reference and then the candidate in child processes, each trial paced and clocked by
+    the launcher; the reference's process judges the candidate's outputs. Numbers come from the
+    launcher's clock and the reference's process only: the candidate's process can make its own
+    result worse (a failure, a self-confessed tampering), never better."""
+    result = BenchResult(problem=str(args.problem), solution=str(args.solution) if args.solution else None)
+    child_argv = _child_argv(argv)
+    judge_r, judge_w = os.pipe()
+    kills_before = _oom_kills()
+    try:
+        ref = _Child("reference", child_argv, judge_r)
+    except OSError as exc:
+        os.close(judge_r)
+        os.close(judge_w)
+        result.reason, result.exit_code = f"cannot start the bench process: {exc}", EXIT_PROBLEM
+        return result
+    os.close(judge_r)
+    ref_session = _Session()
+    cand: _Child | None = None
+    before: set[int] | None = None
+    try:
+        _drive(ref, ref_session, phases=("time:eager", "time:compile", "calibrate"))
+        record = ref_session.record
+        if record is None or ref_session.failure:
+            os.close(judge_w)
+            rc = ref.close()
+            if ref_session.failure:
+                result.reason, result.exit_code = f"internal error: {ref_session.failure}", EXIT_PROBLEM
+                return result
+            reason, oom = _death(ref, ref_session, rc, kills_before)
+            stage = ref_session.stages[-1] if ref_session.stages else ""
+            result.reason, result.oom, result.stage = reason, oom, stage
+            result.exit_code = EXIT_OOM if oom else EXIT_PROBLEM
+            return result
+        known = {f.name for f in fields(BenchResult)}
+        trusted = BenchResult(**{k: v for k, v in record.items() if k in known})
+        result = trusted  # the reference's process never ran candidate code: its record is evidence
+        result.solution = str(args.solution) if args.solution else None
+        if not trusted.ok:
+            os.close(judge_w)
+            ref.close()
+            return result
+        result.ok = False
+        statistic, discard = trusted.statistic, args.discard_first or 0
+        calib = ref_session.phases.get("calibrate")
+        # the least empty round trip: a median over-subtracts whenever the load eases afterwards,
+        # and a call of a few microseconds then reads as nothing (a speed-up from noise)
+        latency = min(_ms(t.d - t.g) for t in calib.trials) if calib and calib.trials else 0.0
+        eager = _figures(ref_session.phases.get("time:eager"), latency, discard, statistic)
+        compiled = _figures(ref_session.phases.get("time:compile"), latency, discard, statistic)
+        outside: dict[str, Any] = {"latency_ms": round(latency, 6), "eager": eager}
+        result.eager_inside_ms, result.compile_inside_ms = trusted.eager_ms, trusted.compile_ms
+        result.eager_ms = eager.get("ms")
+        result.eager_median_ms, result.eager_mean_ms = eager.get("median_ms"), eager.get("mean_ms")
+        result.compile_ms = compiled.get("ms", result.eager_ms)
+        result.timing_method = "launcher_clock"
+        outside["eager_ms"] = result.eager_ms
+        result.outside = outside
+        if args.solution is None or result.eager_ms is None:
+            os.close(judge_w)
+            ref.close()
+            result.ok = result.eager_ms is not None
+            if not result.ok:
+                result.reason, result.exit_code = "the launcher saw no timed trial of the reference", EXIT_PROBLEM
+            return result
+
+        # the candidate: everything it says is a claim; the judge and the launcher's clock decide
+        seeds = list(trusted.seeds_checked)
+        result.seeds_checked = []
+        _set_child_subreaper()
+        before = set(_descendants({os.getpid()}))
+        _set_dumpable(False)  # the candidate's process cannot trace the launcher nor open its pipes
+        try:
+            cand = _Child("candidate", child_argv, judge_w)
         except OSError as exc:
-            os.close(read_fd)
-            os.close(write_fd)
             result.reason, result.exit_code = f"cannot start the bench process: {exc}", EXIT_PROBLEM
             return result
-        pid_box.append(proc.pid)
-        os.close(write_fd)
-        reader = threading.Thread(target=_read_marks, args=(read_fd, pid_box, marks), daemon=True)
-        reader.start()
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
-        reader.join(timeout=10)
-        data: dict[str, Any] | None
-        try:
-            data = json.loads(out.read_text())
-        except (OSError, ValueError):
-            data = None
-    stages = [m.text for m in marks if m.kind == "S"]
-    if data is None:
-        stage = stages[-1] if stages else ""
-        reason, oom = _death_reason(rc, stage, kills_before)
-        result.reason, result.oom, result.stage = reason, oom, stage
-        candidate_stage = any(s.startswith(("importing solution", "building ModelNew", "checking correctness",
-                                            "correctness trial", "timing ModelNew")) for s in stages[-1:])
-        if candidate_stage:
-            result.correct, result.exit_code = False, EXIT_CANDIDATE
-            if oom:
-                result.reason = f"candidate ran {reason}"
-        else:
-            result.exit_code = EXIT_OOM if oom else EXIT_PROBLEM
+        finally:
+            os.close(judge_w)
+        cand_session = _Session()
+        eager_phase = ref_session.phases.get("time:eager")
+        _drive(cand, cand_session, judge=ref, seeds=seeds, trials=eager_phase.total if eager_phase else None,
+               phases=("time:candidate",))
+        if cand_session.failure:
+            cand.proc.kill()
+        rc = cand.close(grace=30)
+        _end_candidate_tree(cand.proc.pid, before)
+        _set_dumpable(True)
+        ref.send("Q")
+        ref.close()
+        _verdict(result, cand_session, rc, kills_before, seeds, latency, eager, args)
         return result
-    known = {f.name for f in fields(BenchResult)}
-    result = BenchResult(**{k: v for k, v in data.items() if k in known})
-    if result.runtime_ms is not None and result.correct:
-        why, figures = outside_verdict(data, _phase_figures(marks))
-        result.outside = figures
-        if why and not result.suspect:
-            result.suspect, result.ok, result.exit_code = True, False, EXIT_CANDIDATE
-            result.reason = f"suspect: {why}"
-    return result
+    finally:
+        _set_dumpable(True)
+        if cand is not None and cand.proc.poll() is None:
+            cand.proc.kill()
+            cand.proc.wait()
+        if cand is not None and before is not None:
+            _end_candidate_tree(cand.proc.pid, before)
+        if ref.proc.poll() is None:
+            ref.proc.kill()
+            ref.proc.wait()
+
+
+def _set_child_subreaper() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def _verdict(result: BenchResult, session: _Session, rc: int, kills_before: int | None, seeds: list[int],
+             latency: float, eager: dict[str, Any], args: argparse.Namespace) -> None:
+    """The candidate's result from what the launcher and the judge saw; its own record only counts
+    against it (a failure, tampering it found in itself)."""
+    result.seeds_checked = list(session.judged)
+    result.max_abs_err = session.max_abs_err if session.judged else None
+    claim = session.record or {}
+    result.tampering = [_clip(t, 300) for t in claim.get("tampering") or [] if isinstance(t, str)][:20]
+    result.stage = session.stages[-1] if session.stages else ""
+    fail = EXIT_CANDIDATE
+    if session.failure:
+        result.correct = False if session.failure_kind != "suspect" else result.correct
+        result.suspect = session.failure_kind == "suspect"
+        result.reason, result.exit_code = session.failure, fail
+        return
+    if not session.record:
+        reason, oom = _death_reason(rc, result.stage, kills_before) if rc != 0 else (
+            "the candidate's process ended without a result", False)
+        result.correct, result.oom, result.exit_code = False, oom, fail
+        result.reason = f"candidate ran {reason}" if oom else reason
+        return
+    if claim.get("ok") is not True:
+        result.correct = session.judged == seeds and claim.get("correct") is True
+        result.suspect = bool(claim.get("suspect"))
+        result.oom = bool(claim.get("oom"))
+        reason = _clip(claim.get("reason") or "ModelNew failed")
+        result.reason, result.exit_code = reason, fail
+        if result.suspect and not reason.startswith("suspect"):
+            result.reason = f"suspect: {reason}"
+        return
+    if session.judged != seeds:
+        result.correct, result.exit_code = False, fail
+        result.reason = (f"incorrect: the judge saw ModelNew's outputs on {len(session.judged)} of the "
+                         f"{len(seeds)} correctness seeds")
+        return
+    phase = session.phases.get("time:candidate")
+    if phase is None:
+        result.correct, result.exit_code = False, fail
+        result.reason = "ModelNew was not timed to the end (its process skipped the timed trials)"
+        return
+    result.correct = True
+    cand = _figures(phase, latency, args.discard_first or 0, result.statistic)
+    result.outside["candidate"] = cand
+    result.runtime_claimed_ms = claim.get("runtime_ms") if isinstance(claim.get("runtime_ms"), (int, float)) else None
+    result.runtime_ms = cand["ms"]
+    result.runtime_median_ms, result.runtime_mean_ms = cand["median_ms"], cand["mean_ms"]
+    result.speedup_vs_eager = (result.eager_ms or 0.0) / result.runtime_ms
+    result.speedup_vs_compile = (result.compile_ms or 0.0) / result.runtime_ms
+    result.excessive_speedup = result.speedup_vs_eager > EXCESSIVE_SPEEDUP
+    result.outside.update(runtime_ms=result.runtime_ms, speedup_vs_eager=round(result.speedup_vs_eager, 4))
+    why = _accounting(cand, eager, latency)
+    claimed = claim.get("runtime_wall_ms")
+    if (not why and isinstance(claimed, (int, float)) and math.isfinite(claimed)
+            and cand["least_ms"] > OUTSIDE_FACTOR * claimed + OUTSIDE_FLOOR_MS):  # the least: load only adds
+        why = (f"the launcher's clock saw every timed call of ModelNew take at least {cand['least_ms']:.4g} ms where "
+               f"the bench inside its process reported {claimed:.4g} ms (median): the clock inside was tampered with")
+    cores_ref, cores_cand = eager.get("cores"), cand.get("cores")
+    if (not why and result.device == "cpu" and result.threads == 1 and cores_ref is not None
+            and cores_cand is not None and cand.get("wall_s", 0) >= 0.3 and cores_cand > max(1.5, 1.5 * cores_ref)):
+        why = (f"ModelNew kept {cores_cand:.2g} cores busy while timed with 1 thread (the reference "
+               f"{cores_ref:.2g}): it raised the thread count")
+    if not why and result.tampering:
+        why = f"solution.py tampered with the process: {'; '.join(result.tampering)}"
+    if why:
+        result.suspect, result.ok, result.exit_code = True, False, fail
+        result.reason = f"suspect: {why}"
+        return
+    result.ok, result.exit_code, result.reason = True, EXIT_OK, ""
+
+
+def _accounting(cand: dict[str, Any], eager: dict[str, Any], latency: float) -> str:
+    """Does ModelNew's timed call account for its whole trial, as the launcher saw it? Each trial's
+    work must be done between the launcher's seed and the digest committed after the call; what
+    a trial costs besides the call (making inputs, the digest) is the reference's own figure."""
+    whole, call, spent = cand["whole_ms"], cand["median_ms"], eager.get("least_outside_ms", 0.0)
+    # what every trial spent besides its call, less what the reference's trials needed for the same
+    # (inputs, the digest): the work of a call answered "done" early shows in each trial, a load
+    # spike only in some, so the least of each is compared
+    extra = cand["least_besides_call_ms"] - spent - latency
+    noise = max(0.0, eager.get("outside_ms", spent) - spent)
+    allowed = ACCOUNT_FRAC * call + ACCOUNT_FLOOR_MS + 5 * latency + ACCOUNT_SLACK * spent + ACCOUNT_NOISE * noise
+    cand["unaccounted_ms"], cand["allowed_ms"] = round(extra, 6), round(allowed, 6)
+    if extra > allowed:
+        return (f"the launcher's clock saw each of ModelNew's timed trials take {whole:.4g} ms in all (median), "
+                f"its call only {call:.4g} ms, and the reference's trials need {spent:.4g} ms besides the call: "
+                f"{extra:.4g} ms of ModelNew's work was done outside its timed call (tolerance {allowed:.3g} ms)")
+    return ""
 
 
 # --------------------------------------------------------------------------- command line
@@ -1053,8 +1890,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flush", dest="flush", action="store_false", help="do not flush caches (default on CPU)")
     p.add_argument("--in-process", action="store_true",
                    help="no launcher process: faster, but no clock outside the bench (speed-ups over 10x are then suspect)")
-    p.add_argument("--_child-result", dest="child_result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_child-role", dest="child_role", choices=("reference", "candidate"), default=None,
+                   help=argparse.SUPPRESS)
     p.add_argument("--_child-fd", dest="child_fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_child-cmd-fd", dest="child_cmd_fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_child-judge-fd", dest="child_judge_fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -1086,12 +1926,8 @@ def main(argv: list[str] | None = None) -> int:
         print("kb_bench: --seeds and --trials must be at least 1", file=sys.stderr)
         return EXIT_PROBLEM
     apply_precision(args)
-    if args.child_result is not None:  # the child: bench, write the result for the launcher, nothing else
-        result = BenchResult(problem=str(args.problem), solution=str(args.solution) if args.solution else None)
-        _run_here(args, result)
-        Path(args.child_result).write_text(json.dumps(asdict(result), allow_nan=True) + "\n")
-        sys.stdout.flush()
-        return result.exit_code
+    if args.child_role is not None:  # a launcher's child: its result goes to the launcher, nowhere else
+        return _child_main(args)
     started = _monotonic()
     if args.in_process:
         result = BenchResult(problem=str(args.problem), solution=str(args.solution) if args.solution else None)
@@ -1109,6 +1945,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.metrics).unlink(missing_ok=True)  # a failed or suspect bench leaves no row to credit
     finally:
         if args.json:
+            Path(args.json).unlink(missing_ok=True)  # a link planted there is replaced, not followed
             Path(args.json).write_text(json.dumps(asdict(result), indent=2, allow_nan=True) + "\n")
     sys.stdout.flush()
     if result.ok:
