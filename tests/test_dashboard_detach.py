@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from fixtures.terminal import Terminal
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_projects" / "hotloop"
@@ -71,38 +70,20 @@ def _wait(predicate, timeout: float) -> None:
 def test_killing_the_dashboard_leaves_the_engine_running(tmp_path: Path) -> None:
     project = tmp_path / "hotloop"
     shutil.copytree(SAMPLE, project, ignore=shutil.ignore_patterns(".looptree", "__pycache__", "metrics.csv"))
-    master, slave = pty.openpty()
     env = dict(os.environ, TERM="xterm-256color", COLUMNS="120", LINES="40")
-    dashboard = subprocess.Popen([sys.executable, "-m", "looptree.app.cli", "run", str(project), *QUICK],
-                                 cwd=REPO, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
-    os.close(slave)
-    screen = bytearray()
-
-    def drain() -> None:  # a terminal that nobody reads would block the dashboard
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            screen.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    terminal = Terminal([sys.executable, "-m", "looptree.app.cli", "run", str(project), *QUICK], cwd=REPO, env=env)
+    dashboard = terminal.process
     run_dir = project / ".looptree" / "runs" / "1"
     try:
         _wait(lambda: any(e["type"] == "node_evaluated" for e in _events(run_dir)), 120)
-        assert b"looptree" in bytes(screen)  # the dashboard really drew on the terminal
+        assert b"looptree" in bytes(terminal.screen)  # the dashboard really drew on the terminal
         assert dashboard.poll() is None
         os.killpg(dashboard.pid, signal.SIGKILL)  # the SSH session drops: the dashboard dies
         dashboard.wait(timeout=10)
         assert not any(e["type"] == "run_finished" for e in _events(run_dir))
         _wait(lambda: any(e["type"] == "run_finished" for e in _events(run_dir)), 240)
     finally:
-        if dashboard.poll() is None:
-            dashboard.kill()
-        os.close(master)
+        terminal.close()
     finished = [e for e in _events(run_dir) if e["type"] == "run_finished"][-1]
     assert finished["reason"] == "phases done"
 

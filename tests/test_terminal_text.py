@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from fixtures.terminal import Terminal
 
 from looptree.app.synthetic import COLUMNS, demo_run, write_events
 from looptree.engine.core.events import EVENTS_NAME, EventTail, iter_run
@@ -71,38 +71,19 @@ def _hostile_run(tmp_path: Path) -> Path:
 
 def test_the_dashboard_on_a_real_terminal_never_sends_the_runs_escape_sequences(tmp_path: Path) -> None:
     run_dir = _hostile_run(tmp_path)
-    master, slave = pty.openpty()
     env = dict(os.environ, TERM="xterm-256color", COLUMNS="160", LINES="50", LOOPTREE_FROZEN_TIME="1700000100")
     code = f"import sys; from looptree.app import run_dashboard; sys.exit(run_dashboard({str(run_dir)!r}))"
-    viewer = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
-                              env=env, start_new_session=True)
-    os.close(slave)
-    screen = bytearray()
-
-    def drain() -> None:  # a terminal nobody reads would block the dashboard
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            screen.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    terminal = Terminal([sys.executable, "-c", code], cwd=ROOT, env=env)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (b"PWNED_LOG" in screen and b"PWNED_TITLE" in screen):
+        while time.monotonic() < deadline and not (b"PWNED_LOG" in terminal.screen
+                                                   and b"PWNED_TITLE" in terminal.screen):
             time.sleep(0.1)
-        os.write(master, b"q")
-        viewer.wait(timeout=30)
+        terminal.type(b"q")
+        terminal.process.wait(timeout=30)
     finally:
-        if viewer.poll() is None:
-            viewer.kill()
-        reader.join(timeout=5)
-        os.close(master)
-    shown = bytes(screen)
+        terminal.close()
+    shown = bytes(terminal.screen)
     assert b"PWNED_LOG" in shown and b"PWNED_TITLE" in shown, "the hostile text was not drawn at all"
     assert b"\x1b]2;PWNED" not in shown and b"\x1b]52;" not in shown
     assert "\u202e".encode() not in shown

@@ -1199,23 +1199,8 @@ def _child_main(args: argparse.Namespace) -> int:
     if role == "reference":
         _set_dumpable(False)  # the candidate's process, a sibling, cannot reach into the judge
     _CHAN = _Chan(args.child_cmd_fd, args.child_judge_fd)
-    _PROGRESS.fd = args.child_fd
     result = BenchResult(problem=str(args.problem), solution=str(args.solution) if args.solution else None)
-    _PROGRESS.result = result
-    judged: tuple[Any, Any] | None = None
-    try:
-        judged = run_bench(args, result, role=role)
-    except BenchFailure as exc:
-        result.ok, result.reason, result.exit_code, result.oom = False, exc.reason, exc.exit_code, exc.oom
-        if exc.correct is not None:
-            result.correct = exc.correct
-    except Exception as exc:  # noqa: BLE001 - an internal error must still leave a reason behind
-        if is_oom(exc):
-            failure = oom_failure("benchmarking", exc, result.device or "cpu", reference=role != "candidate")
-            result.ok, result.reason, result.exit_code, result.oom = False, failure.reason, failure.exit_code, True
-        else:
-            traceback.print_exc()
-            result.ok, result.reason, result.exit_code = False, f"internal error: {_one_line(exc)}", EXIT_PROBLEM
+    judged = _run_here(args, result, role=role)
     _CHAN.send("X " + json.dumps(asdict(result), allow_nan=True))
     sys.stdout.flush()
     if judged is not None and args.solution:
@@ -1898,23 +1883,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_here(args: argparse.Namespace, result: BenchResult) -> None:
-    """The bench in this process; fills ``result`` whatever happens."""
+def _run_here(args: argparse.Namespace, result: BenchResult, role: str = "all") -> tuple[Any, Any] | None:
+    """The bench in this process (``role`` as in `run_bench`); fills ``result`` whatever happens and
+    returns what `run_bench` returned (None when it failed)."""
     _PROGRESS.fd = args.child_fd
     _PROGRESS.result = result
     try:
-        run_bench(args, result)
+        return run_bench(args, result, role=role)
     except BenchFailure as exc:
         result.ok, result.reason, result.exit_code, result.oom = False, exc.reason, exc.exit_code, exc.oom
         if exc.correct is not None:
             result.correct = exc.correct
     except Exception as exc:  # noqa: BLE001 - an internal error must still leave a reason behind
         if is_oom(exc):
-            failure = oom_failure("benchmarking", exc, result.device or "cpu", reference=True)
-            result.ok, result.reason, result.exit_code, result.oom = False, failure.reason, EXIT_OOM, True
+            failure = oom_failure("benchmarking", exc, result.device or "cpu", reference=role != "candidate")
+            result.ok, result.reason, result.exit_code, result.oom = False, failure.reason, failure.exit_code, True
         else:
             traceback.print_exc()
             result.ok, result.reason, result.exit_code = False, f"internal error: {_one_line(exc)}", EXIT_PROBLEM
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
