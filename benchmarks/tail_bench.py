@@ -19,7 +19,7 @@ What it measures, for each:
   the fold into a `RunView` is included (it costs the same in every mode).
 
 Each (mode, phase) runs in a fresh child process, one after another, so one mode's threads never
-count against another. Run by hand (not a test):
+count against another. Run by hand (not a test), after `pip install '.[bench]'` (watchfiles):
 
     python benchmarks/tail_bench.py                     # poll, watch; 60 s idle, 30 s at 200/s, 100 latencies
     python benchmarks/tail_bench.py --idle 10 --load 5 --samples 30   # a quick look
