@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from looptree.engine.core.events import EVENTS_NAME, TELEMETRY_NAME, EventTail, last_samples
+from looptree.engine.core.events import EVENTS_NAME, TELEMETRY_NAME, EventTail, samples_and_offset
 
 Events = list[dict[str, Any]]
 
@@ -44,11 +44,8 @@ class RunSource:
         end. Blocking (it reads the whole log): call it from a thread worker.
         """
         events = self.events.poll()
-        try:
-            self.samples.offset = (self.run_dir / TELEMETRY_NAME).stat().st_size
-        except FileNotFoundError:
-            self.samples.offset = 0
-        return events + last_samples(self.run_dir)
+        samples, self.samples.offset = samples_and_offset(self.run_dir)
+        return events + samples
 
     def poll(self) -> Events:
         """The complete lines appended since the last look: events first, then samples."""

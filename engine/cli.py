@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None, *, dashboard: Dashboard | None = None) -
         return 130
     except BrokenPipeError:
         return 0
+    except Exception:  # internal: exit 1 with the traceback, which may quote the run, so escaped as well
+        traceback.print_exc()
+        return 1
     finally:
         with contextlib.suppress(Exception):
             sys.stdout.flush()

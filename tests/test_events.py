@@ -15,6 +15,7 @@ import pytest
 from looptree.engine.core.events import (
     EVENTS_NAME,
     LOCK_NAME,
+    TELEMETRY_NAME,
     EventLog,
     EventTail,
     RunLock,
@@ -24,6 +25,7 @@ from looptree.engine.core.events import (
     iter_run,
     last_samples,
     read_events,
+    samples_and_offset,
 )
 from looptree.engine.errors import LooptreeError, RunLockedError
 
@@ -368,6 +370,24 @@ def test_last_samples_reads_only_the_end_and_drops_the_cut_line(tmp_path: Path) 
     assert tail[-1]["fields"]["util"] == 1999.0
     steps = [s["fields"]["util"] for s in tail]
     assert steps == sorted(steps) and steps == list(range(int(steps[0]), 2000))  # whole lines, none cut
+
+
+def test_a_viewer_tails_samples_from_where_its_first_read_ended(tmp_path: Path) -> None:
+    """A sample written half-way (no newline yet) when the viewer starts is read once, by the tail."""
+    samples = TelemetryLog(tmp_path)
+    for step in range(3):
+        samples.append(0, {"util": float(step)})
+    samples.close()
+    path = tmp_path / TELEMETRY_NAME
+    whole = path.read_bytes()
+    with open(path, "ab") as fh:
+        fh.write(b'{"ts":9.0,"type":"gpu_sample","device":0,"fields":{"util":3.0}')  # the writer, mid-line
+    first, offset = samples_and_offset(tmp_path)
+    assert [s["fields"]["util"] for s in first] == [0.0, 1.0, 2.0] and offset == len(whole)
+    with open(path, "ab") as fh:
+        fh.write(b"}\n")
+    tail = EventTail(path, offset)
+    assert [s["fields"]["util"] for s in tail.poll()] == [3.0]
 
 
 def test_fold_of_a_run_dir_tracks_the_control_offset_and_skips_samples(tmp_path: Path) -> None:

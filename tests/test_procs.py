@@ -472,3 +472,32 @@ async def test_rlimit_data_is_the_memory_ceiling_without_a_cgroup(tmp_path: Path
     res = await _run(tmp_path, env, "ulimit -d", limits=Limits(memory_mb=256))
     assert (tmp_path / "logs" / "run.log").read_text().splitlines()[2].strip() == str(256 * 1024)
     assert res.ok
+
+
+def test_the_task_cap_is_added_to_what_the_user_runs_already() -> None:
+    """RLIMIT_NPROC counts the user's every task: ten more threads here raise the command's limit by ten."""
+    import resource
+    import threading
+
+    from looptree.engine.evaluation import procs
+
+    def nproc_limit() -> int:
+        procs._user_tasks_cache.clear()
+        pairs = dict(procs._rlimit_pairs(procs.Limits(processes=64)))
+        return pairs[resource.RLIMIT_NPROC][0]
+
+    stop = threading.Event()
+    procs._user_tasks_cache.clear()
+    base = procs._user_tasks()
+    threads = [threading.Thread(target=stop.wait) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    try:
+        procs._user_tasks_cache.clear()
+        assert procs._user_tasks() >= base + 10
+        if os.geteuid() != 0:  # root is exempt from RLIMIT_NPROC: nothing is added there
+            assert nproc_limit() >= 64 + base + 10
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()

@@ -257,16 +257,27 @@ class TelemetryLog:
 
 def last_samples(run_dir: Path, limit_bytes: int = 1 << 20) -> list[dict[str, Any]]:
     """The newest GPU samples (from the last `limit_bytes` of telemetry.jsonl): what a viewer starts with."""
+    return samples_and_offset(run_dir, limit_bytes)[0]
+
+
+def samples_and_offset(run_dir: Path, limit_bytes: int = 1 << 20) -> tuple[list[dict[str, Any]], int]:
+    """`last_samples`, and the offset just past the last complete line they were read from.
+
+    A viewer tails the file from that offset: a sample appended while this read ran is then read
+    once, by the tail, never twice (nor lost: a line cut by the writer is left to the tail).
+    """
     path = run_dir / TELEMETRY_NAME
     try:
         with open(path, "rb") as fh:
             size = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, size - limit_bytes))
-            data = fh.read()
+            start = max(0, size - limit_bytes)
+            fh.seek(start)
+            data = fh.read(size - start)
     except FileNotFoundError:
-        return []
-    lines = data.split(b"\n")
-    if size > limit_bytes:
+        return [], 0
+    complete = data.rfind(b"\n") + 1
+    lines = data[:complete].split(b"\n")
+    if start > 0:
         lines = lines[1:]  # the first line is cut
     out = []
     for raw in lines:
@@ -275,7 +286,7 @@ def last_samples(run_dir: Path, limit_bytes: int = 1 << 20) -> list[dict[str, An
                 out.append(display_event(raw))
             except json.JSONDecodeError:
                 continue
-    return out
+    return out, start + complete
 
 
 def iter_run(run_dir: Path) -> Iterator[dict[str, Any]]:

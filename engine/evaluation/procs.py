@@ -210,6 +210,32 @@ def _load_fallocate() -> Callable[..., int] | None:
 _FALLOCATE = _load_fallocate()
 
 
+USER_TASKS_TTL_S = 5.0
+_user_tasks_cache: list[float] = []  # [when, count]
+
+
+def _user_tasks() -> int:
+    """Tasks (processes and threads) of this real user on the machine now, counted at most every
+    USER_TASKS_TTL_S (a scan of /proc costs a few milliseconds; commands start often)."""
+    now = time.monotonic()
+    if _user_tasks_cache and now - _user_tasks_cache[0] < USER_TASKS_TTL_S:
+        return int(_user_tasks_cache[1])
+    uid, count = str(os.getuid()), 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status", "rb") as fh:
+                status = fh.read(4096)
+        except OSError:
+            continue
+        fields = dict(line.split(b":", 1) for line in status.splitlines() if b":" in line)
+        if fields.get(b"Uid", b"").split()[:1] == [uid.encode()]:
+            count += int(fields.get(b"Threads", b"1").strip() or 1)
+    _user_tasks_cache[:] = [now, count]
+    return count
+
+
 def _rlimit_pairs(limits: Limits) -> list[tuple[int, tuple[int, int]]]:
     """Compute (resource, (soft, hard)) pairs in the parent, clamped to the current hard limits.
 
@@ -237,7 +263,10 @@ def _rlimit_pairs(limits: Limits) -> list[tuple[int, tuple[int, int]]]:
         data = max(16, int(limits.memory_mb)) * 1024 * 1024
         clamp(resource.RLIMIT_DATA, data, data)
     if limits.processes is not None:
-        nproc = max(16, int(limits.processes))
+        # RLIMIT_NPROC counts every task of the *user*, not of this command: the cap is added to
+        # what the user runs already (their desktop, other benches), so an honest command is not
+        # refused a thread because of them. Root is exempt from it anyway (the watchdog counts).
+        nproc = max(16, int(limits.processes)) + (_user_tasks() if os.geteuid() != 0 else 0)
         clamp(resource.RLIMIT_NPROC, nproc, nproc)
     if not limits.core_dump:
         _, core_hard = resource.getrlimit(resource.RLIMIT_CORE)
@@ -644,12 +673,13 @@ def _over_limits(pid: int, run: _Run) -> str:
         free, inodes = now
         if limits.disk_free_mb is not None and free < limits.disk_free_mb * 1024 * 1024 \
                 and free < bytes_then - _DISK_SLACK:
-            return (f"killed: it took the disk holding {folder} below {limits.disk_free_mb} MiB free "
-                    f"({(bytes_then - free) // (1024 * 1024)} MiB written while it ran)")
+            # Free space is the file system's, not this command's: say what fell, not who wrote it.
+            return (f"killed: the disk holding {folder} fell below {limits.disk_free_mb} MiB free while it ran "
+                    f"({(bytes_then - free) // (1024 * 1024)} MiB fewer free than when it started)")
         if limits.disk_free_inodes is not None and 0 < inodes_then and inodes < limits.disk_free_inodes \
                 and inodes < inodes_then - _INODE_SLACK:
-            return (f"killed: it took the disk holding {folder} below {limits.disk_free_inodes} free inodes "
-                    f"({inodes_then - inodes} files created while it ran)")
+            return (f"killed: the disk holding {folder} fell below {limits.disk_free_inodes} free inodes while "
+                    f"it ran ({inodes_then - inodes} fewer than when it started)")
     return ""
 
 

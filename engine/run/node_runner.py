@@ -218,8 +218,9 @@ class NodeRunner:
     async def record_outcome(self, node: NodeState, outcome: EvalOutcome, ndir: Path, device: Any = None) -> None:
         state, emit = self.ctx.state, self.ctx.emit
         if not outcome.ok or outcome.aggregate is None or outcome.specs is None:
-            emit("node_failed", id=node.id, stage=outcome.stage, reason=outcome.reason)
+            # The file first, as before the split: whoever sees `node_failed` finds failure.txt written.
             await self.artifacts.write(ndir / "failure.txt", f"{outcome.stage}: {outcome.reason}\n\n{outcome.log_tail}\n")
+            emit("node_failed", id=node.id, stage=outcome.stage, reason=outcome.reason)
             return
         columns = [s.column for s in outcome.specs]
         if state.specs and [s.column for s in state.specs] != columns:
