@@ -123,12 +123,13 @@ def test_the_launchers_clock_catches_a_clock_patched_inside_the_bench(tmp_path: 
     """The hack reaches into looptree's own captured clock: the launcher times every trial on its
     own clock, so the hack gains nothing, and the times it made its process claim contradict it.
 
-    On a problem of a few hundred microseconds a call: the launcher resolves a claim only above
-    its own floor (``OUTSIDE_FLOOR_MS``); below it the slowed clock is merely ignored."""
+    On a problem of a few milliseconds a call: the launcher resolves a claim only above its own
+    floor (``OUTSIDE_FLOOR_MS``, a scheduling delay); below it the slowed clock is merely ignored
+    (the reported figures are the launcher's either way)."""
     problem = tmp_path / "1_Heavy.py"
     problem.write_text(
         "import torch\nimport torch.nn as nn\n\nclass Model(nn.Module):\n    def forward(self, A, B):\n"
-        "        return torch.relu(A @ B)\n\ndef get_inputs():\n    return [torch.randn(256, 256), torch.randn(256, 256)]\n\n"
+        "        return torch.relu(A @ B)\n\ndef get_inputs():\n    return [torch.randn(768, 768), torch.randn(768, 768)]\n\n"
         "def get_init_inputs():\n    return []\n")
     rc, result, stderr = run_bench(problem, HACKS / "1_slow_clock_inside.py", tmp_path)
     assert rc == kb_bench.EXIT_CANDIDATE, stderr

@@ -221,9 +221,10 @@ class ModelNew(nn.Module):
 '''
 
 
-def run_launcher(tmp_path: Path, solution_source: str, timeout: float = 180) -> tuple[int, dict, str]:
+def run_launcher(tmp_path: Path, solution_source: str, timeout: float = 180,
+                 problem_source: str = PROBLEM) -> tuple[int, dict, str]:
     problem = tmp_path / "problem.py"
-    problem.write_text(PROBLEM)
+    problem.write_text(problem_source)
     solution = tmp_path / "solution.py"
     solution.write_text(solution_source)
     out = tmp_path / "result.json"
@@ -278,3 +279,193 @@ def test_an_honest_solution_is_still_credited_with_the_launchers_figures(tmp_pat
     assert result["ok"] and result["correct"] and not result["suspect"]
     assert result["runtime_ms"] > 0 and result["eager_ms"] > 0
     assert 0.2 < result["speedup_vs_eager"] < 5
+
+
+# A cheap call with a large output (128 MiB): the digest of each trial's output takes a long
+# time, and a share of it was room to hide work. This candidate does 25 ms of "work" after its
+# call said done, inside its own digest, as a GPU kernel launched asynchronously would finish
+# during the digest's device-to-host copy.
+BIG_OUTPUT = """import torch
+import torch.nn as nn
+
+
+class Model(nn.Module):
+    def forward(self, x):
+        return x.expand(8192, 4096)
+
+
+def get_inputs():
+    return [torch.randn(1, 4096)]
+
+
+def get_init_inputs():
+    return []
+"""
+
+WORK_IN_THE_DIGEST = '''
+import sys
+import time
+import torch.nn as nn
+
+runner = sys.modules["looptree.gpu.kernelbench.runner"]
+_digest = runner._output_digest
+
+
+def _late_digest(header, leaves):
+    time.sleep(0.025)  # the work the call did not wait for
+    return _digest(header, leaves)
+
+
+runner._output_digest = _late_digest
+
+
+class ModelNew(nn.Module):
+    def forward(self, x):
+        return x.expand(8192, 4096)
+'''
+
+HONEST_BIG = """import torch.nn as nn
+
+
+class ModelNew(nn.Module):
+    def forward(self, x):
+        return x.expand(2048, 4096)
+"""
+
+
+@pytest.mark.slow
+def test_work_hidden_in_the_digest_window_is_suspect(tmp_path: Path) -> None:
+    rc, result, stderr = run_launcher(tmp_path, WORK_IN_THE_DIGEST, problem_source=BIG_OUTPUT)
+    assert rc != 0 and result["suspect"] is True, (result.get("reason"), result.get("outside"), stderr[-2000:])
+    assert "outside its timed call" in result["reason"]
+
+
+@pytest.mark.slow
+def test_an_honest_solution_with_a_large_output_is_not_suspect(tmp_path: Path) -> None:
+    # 32 MiB: the digest's time is the reference's to within its own spread (a longer window on
+    # this shared 2-core machine is more exposed to other processes' load)
+    rc, result, stderr = run_launcher(tmp_path, HONEST_BIG, problem_source=BIG_OUTPUT.replace("8192", "2048"))
+    assert result["correct"] is True and not result["suspect"], (result.get("reason"), result.get("outside"))
+    assert rc == 0, stderr[-2000:]
+
+
+RESTARTED_PHASE = '''
+import sys
+import torch
+import torch.nn as nn
+
+prog = sys.modules["looptree.gpu.kernelbench.runner"]._PROGRESS
+_phase = prog.phase
+_aborted = []
+
+
+def phase(name, event):
+    if name == "time:candidate" and event.startswith("begin") and not _aborted:
+        _aborted.append(name)  # begin, give up at once (a slow window), begin again with fresh spots
+        _phase(name, event)
+        _phase(name, "end")
+    _phase(name, event)
+
+
+prog.phase = phase
+
+
+class ModelNew(nn.Module):
+    def forward(self, A, B):
+        return torch.mm(torch.mm(A, B).clamp_min_(0.0), B)
+'''
+
+
+def test_a_timed_phase_begun_again_is_a_protocol_failure(tmp_path: Path) -> None:
+    rc, result, stderr = run_launcher(tmp_path, RESTARTED_PHASE)
+    assert rc != 0 and not result["ok"] and result["correct"] is False, (result, stderr[-2000:])
+    assert "begun again" in result["reason"]
+
+
+def _record_patch(change: str) -> str:
+    return f'''
+import json
+import sys
+import torch
+import torch.nn as nn
+
+chan = sys.modules["looptree.gpu.kernelbench.runner"]._CHAN
+_send = chan.send
+
+
+def send(line):
+    if line.startswith("X "):
+        record = json.loads(line[2:])
+        {change}
+        line = "X " + json.dumps(record) if record != "deep" else "X " + "[" * 100000 + "]" * 100000
+    _send(line)
+
+
+chan.send = send
+
+
+class ModelNew(nn.Module):
+    def forward(self, A, B):
+        return torch.mm(torch.mm(A, B).clamp_min_(0.0), B)
+'''
+
+
+@pytest.mark.parametrize("change", [
+    'record["tampering"] = 5',
+    'record["reason"] = {"x": 1}; record["ok"] = False',
+    'record = "deep"',
+])
+def test_a_malformed_result_record_is_a_one_line_reason(tmp_path: Path, change: str) -> None:
+    (tmp_path / "m.csv").write_text("planted\n")
+    rc, result, stderr = run_launcher(tmp_path, _record_patch(change))
+    assert rc == 1 and not result["ok"] and result["correct"] is False, (result, stderr[-2000:])
+    assert ("malformed result record" in result["reason"] or "protocol" in result["reason"]), result["reason"]
+    assert "Traceback" not in stderr and not (tmp_path / "m.csv").exists()
+
+
+DIES_MID_OUTPUT = '''
+import os
+import sys
+import time
+import torch
+import torch.nn as nn
+
+runner = sys.modules["looptree.gpu.kernelbench.runner"]
+
+
+def _send_output(fd, nonce, header, leaves):
+    runner._write_all(fd, nonce.encode() + b"\\n" + header + b"\\n" + bytes(64))
+    if os.fork() == 0:  # a helper keeps the judge's pipe open after this process dies
+        time.sleep(120)
+        os._exit(0)
+    os._exit(0)
+
+
+runner._send_output = _send_output
+
+
+class ModelNew(nn.Module):
+    def forward(self, A, B):
+        return torch.mm(torch.mm(A, B).clamp_min_(0.0), B)
+'''
+
+
+def test_a_candidate_dying_mid_output_with_a_helper_holding_the_pipe_does_not_hang(tmp_path: Path) -> None:
+    started = time.monotonic()
+    rc, result, stderr = run_launcher(tmp_path, DIES_MID_OUTPUT, timeout=100)
+    assert rc == 1 and not result["ok"] and result["correct"] is False, (result, stderr[-2000:])
+    assert "holds the pipe" in result["reason"]
+    assert time.monotonic() - started < 90
+
+
+def test_the_judges_own_failure_is_not_the_candidates() -> None:
+    from looptree.gpu.kernelbench import runner
+
+    for verdict, oom, code in (("oom", True, runner.EXIT_OOM), ("error", False, runner.EXIT_PROBLEM)):
+        session = runner._Session()
+        assert runner._judge_failed(session, verdict, "the judge could not check the output (CUDA out of memory)")
+        result = runner.BenchResult(problem="p", solution="s")
+        result.correct = True
+        runner._verdict(result, session, 0, None, [], 0.0, {}, runner.build_parser().parse_args(["--problem", "p"]))
+        assert result.correct is None and result.oom is oom and result.exit_code == code, result
+        assert not result.suspect and "incorrect" not in result.reason and not result.ok

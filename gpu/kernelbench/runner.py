@@ -108,7 +108,9 @@ SPOT_CHECKS = 2  # timed trials (besides the last) whose outputs are compared wi
 JUDGED_SHARE = 0.25  # …or this share of them when the judge compares (a cheap wrong output on most trials,
 # to move the median, then passes every check with probability below 0.5 ** checks)
 OUTSIDE_FACTOR = 3.0  # the launcher's clock may exceed the time the candidate's process claims by this factor…
-OUTSIDE_FLOOR_MS = 0.05  # …plus this much, or the claim is a tampered clock (suspect)
+OUTSIDE_FLOOR_MS = 1.0  # …plus this much, or the claim is a tampered clock (suspect); one scheduling
+# delay on a loaded machine (2 cores, CI) is about a millisecond: a smaller floor marked honest runs of
+# a 20 µs problem suspect. A forged clock that hides less than this per call is not caught.
 RESOLUTION_MS = 0.005  # the launcher's per-trial figure is never taken below this (its clock's resolution)
 _OOM_WORDS = ("out of memory", "outofmemoryerror", "memoryerror", "can't allocate memory",
               "cannot allocate memory", "std::bad_alloc", "failed to allocate memory")
@@ -1175,8 +1177,8 @@ def _judge(chan: _Chan, task: Task, reference: Any, args: argparse.Namespace) ->
             chan.send("J fail " + " ".join(fail.reason.split())[:400])
             return
         except Exception as exc:  # noqa: BLE001 - the judge must answer, whatever the data did to it
-            what = "out of memory" if is_oom(exc) else "error"
-            chan.send(f"J fail the judge could not check the output ({what}: {_one_line(exc)})")
+            what = "oom" if is_oom(exc) else "error"  # the judge's failure, not the candidate's
+            chan.send(f"J {what} the judge could not check the output ({_clip(_one_line(exc), 300)})")
             return
 
 
@@ -1291,8 +1293,9 @@ def _die_with_parent() -> None:
 # The tolerance of the launcher's accounting: a candidate's trial (seed asked → digest committed)
 # may exceed its timed call plus what the reference's trials spend outside the call by
 ACCOUNT_FRAC = 0.5  # this share of the call…
-ACCOUNT_FLOOR_MS = 0.1  # …plus this much plus 5 round trips of the pipe…
-ACCOUNT_SLACK = 0.25  # …plus this share of the reference's time outside the call…
+ACCOUNT_FLOOR_MS = 1.0  # …plus this much (a scheduling delay under load) plus 5 round trips of the pipe…
+ACCOUNT_SLACK_MS = 0.25  # …plus this much (absolute: a share of the digest's time is room to hide a kernel
+# still running when "done" came, finished by the digest's own device-to-host copy)…
 ACCOUNT_NOISE = 2.0  # …plus this many times its spread (median − least): a loaded machine's clock confirms less
 
 
@@ -1332,7 +1335,9 @@ class _Session:
     judged: list[int] = field(default_factory=list)  # correctness seeds the judge accepted
     max_abs_err: float = 0.0
     failure: str = ""  # the judge's or the protocol's verdict against the candidate
-    failure_kind: str = ""  # "incorrect" | "suspect" | "protocol"
+    failure_kind: str = ""  # "incorrect" | "suspect" | "protocol" | "judge" (the judge's own failure)
+    oom: bool = False  # the judge's failure was out of memory
+    ended: set[str] = field(default_factory=set)  # phases begun and ended, complete or not: never begun again
 
 
 def _child_cpu_seconds(pid: int) -> float | None:
@@ -1430,15 +1435,51 @@ class _Child:
             raise
 
 
-def _judge_answer(judge: _Child) -> tuple[bool, str]:
+JUDGE_GRACE_S = 10.0  # the judge may take this long to answer once the candidate's process has ended
+
+
+def _judge_answer(judge: _Child, cand: _Child | None = None) -> tuple[str, str]:
+    """("ok" | "fail" | "oom" | "error" | "stuck", the rest of the answer). "oom"/"error" are the
+    judge's own failures; "stuck": the candidate's process ended and the judge still waits on its
+    output (a process the candidate left holds the pipe open), so the launcher stops waiting."""
+    import queue
+
+    deadline: float | None = None
     while True:
-        _, line = judge.get()
+        try:
+            _, line = judge.lines.get(timeout=0.2)
+        except queue.Empty:
+            if judge.proc.poll() is not None and judge.lines.empty():
+                line = None
+            elif cand is not None and cand.proc.poll() is not None:
+                deadline = deadline or _monotonic() + JUDGE_GRACE_S
+                if _monotonic() > deadline:
+                    return "stuck", (f"ModelNew's process ended and, {JUDGE_GRACE_S:g} s later, the judge still "
+                                     "waited on the rest of its output (a process it left holds the pipe open)")
+                continue
+            else:
+                continue
         if line is None:
-            return False, "the judge (the reference's process) ended before answering"
-        if line.startswith("J ok"):
-            return True, line[5:]
-        if line.startswith("J fail"):
-            return False, line[7:]
+            rc = judge.proc.poll()
+            why, oom = _death_reason(rc, "judging", None) if rc else ("ended", False)
+            return ("oom" if oom else "error"), f"the judge (the reference's process) {why} before answering"
+        for word in ("ok", "fail", "oom", "error"):
+            if line.startswith(f"J {word}"):
+                return word, line[len(word) + 3:]
+
+
+def _judge_failed(session: _Session, verdict: str, why: str) -> bool:
+    """Record a judging answer that is not "ok" and say whether there was one: the judge's own
+    failure (out of memory included) is not held against the candidate."""
+    if verdict == "ok":
+        return False
+    if verdict in ("oom", "error"):
+        session.failure_kind, session.oom = "judge", verdict == "oom"
+        session.failure = f"internal error: {'out of memory: ' if session.oom else ''}{why}"
+    else:
+        session.failure_kind = "protocol" if verdict == "stuck" else "incorrect"
+        session.failure = why
+    return True
 
 
 def _drive(child: _Child, session: _Session, *, judge: _Child | None = None, seeds: list[int] | None = None,
@@ -1458,6 +1499,10 @@ def _drive(child: _Child, session: _Session, *, judge: _Child | None = None, see
                 session.stages.append(text[:300])
             elif kind == "P":
                 name, _, event = text.partition(" ")
+                if event.startswith("begin") and name in session.ended:
+                    # a phase dropped part way may not begin again with fresh spot checks: that would
+                    # let the candidate abort every window that went badly for it
+                    raise _ProtocolBroken(f"the timed phase {name[:40]!r} begun again after it ended incomplete")
                 if event.startswith("begin") and phase is None and name in phases and name not in session.phases:
                     total = int(event.split()[1])
                     if trials is not None and total != trials:
@@ -1467,6 +1512,7 @@ def _drive(child: _Child, session: _Session, *, judge: _Child | None = None, see
                         checks = min(max(SPOT_CHECKS, int(JUDGED_SHARE * total)), total - 1)
                         phase.spots = set(rng.sample(range(total - 1), checks)) | {total - 1}
                 elif event == "end" and phase is not None and phase.name == name:
+                    session.ended.add(name)
                     if len(phase.trials) == phase.total:  # else it failed part way: its record says why
                         phase.end_ns, phase.end_cpu = ns, _child_cpu_seconds(child.proc.pid)
                         session.phases[name] = phase
@@ -1492,14 +1538,14 @@ def _drive(child: _Child, session: _Session, *, judge: _Child | None = None, see
                     nonce = secrets.token_hex(8)
                     judge.send(f"J {trial.seed} {nonce} {digest} t")
                     child.send(f"V {nonce}")
-                    ok, why = _judge_answer(judge)
-                    if not ok:
+                    verdict, why = _judge_answer(judge, child)
+                    if verdict == "fail":
                         last = index == phase.total - 1
                         what = ("after its inputs were overwritten in place with new values" if last
                                 else f"while being timed (trial {index})")
-                        session.failure_kind = "incorrect"
-                        session.failure = (f"incorrect: an output ModelNew produced {what} differs from the "
-                                           f"reference's on the same inputs (cached or precomputed?): {why}")
+                        why = (f"incorrect: an output ModelNew produced {what} differs from the "
+                               f"reference's on the same inputs (cached or precomputed?): {why}")
+                    if _judge_failed(session, verdict, why):
                         return
                 else:
                     child.send("N")
@@ -1511,10 +1557,10 @@ def _drive(child: _Child, session: _Session, *, judge: _Child | None = None, see
                 nonce = secrets.token_hex(8)
                 judge.send(f"J {seed} {nonce} - c")
                 child.send(f"V {nonce}")
-                ok, why = _judge_answer(judge)
-                if not ok:
-                    session.failure_kind = "incorrect"
-                    session.failure = f"incorrect: ModelNew's output differs from Model's (seed {seed}): {why}"
+                verdict, why = _judge_answer(judge, child)
+                if verdict == "fail":
+                    why = f"incorrect: ModelNew's output differs from Model's (seed {seed}): {why}"
+                if _judge_failed(session, verdict, why):
                     return
                 session.judged.append(seed)
                 try:
@@ -1529,10 +1575,11 @@ def _drive(child: _Child, session: _Session, *, judge: _Child | None = None, see
                 return  # the reference judges next; the candidate's process has nothing more to say
             else:
                 raise _ProtocolBroken(f"unexpected line {line[:80]!r}")
-        except (_ProtocolBroken, ValueError, IndexError) as exc:
+        except (_ProtocolBroken, ValueError, IndexError, TypeError, RecursionError) as exc:
             who = "ModelNew's process" if judge is not None else "the reference's process"
             session.failure_kind = "protocol"
-            session.failure = f"{who} broke the bench's protocol ({exc})"
+            what = "a record nested too deeply" if isinstance(exc, RecursionError) else _clip(exc, 200)
+            session.failure = f"{who} broke the bench's protocol ({what})"
             return
 
 
@@ -1754,14 +1801,20 @@ def _verdict(result: BenchResult, session: _Session, rc: int, kills_before: int 
     result.seeds_checked = list(session.judged)
     result.max_abs_err = session.max_abs_err if session.judged else None
     claim = session.record or {}
-    result.tampering = [_clip(t, 300) for t in claim.get("tampering") or [] if isinstance(t, str)][:20]
     result.stage = session.stages[-1] if session.stages else ""
     fail = EXIT_CANDIDATE
+    if session.failure_kind == "judge":  # not the candidate's fault: no verdict on it
+        result.correct, result.oom = None, session.oom
+        result.reason, result.exit_code = session.failure, EXIT_OOM if session.oom else EXIT_PROBLEM
+        return
+    if not session.failure and (bad := _record_problem(claim)):
+        session.failure_kind, session.failure = "protocol", f"ModelNew's process sent a malformed result record ({bad})"
     if session.failure:
         result.correct = False if session.failure_kind != "suspect" else result.correct
         result.suspect = session.failure_kind == "suspect"
         result.reason, result.exit_code = session.failure, fail
         return
+    result.tampering = [_clip(t, 300) for t in claim.get("tampering") or []][:20]
     if not session.record:
         reason, oom = _death_reason(rc, result.stage, kills_before) if rc != 0 else (
             "the candidate's process ended without a result", False)
@@ -1817,6 +1870,23 @@ def _verdict(result: BenchResult, session: _Session, rc: int, kills_before: int 
     result.ok, result.exit_code, result.reason = True, EXIT_OK, ""
 
 
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "ok": (bool,), "correct": (bool, type(None)), "suspect": (bool,), "oom": (bool,), "reason": (str,),
+    "runtime_ms": (int, float, type(None)), "runtime_wall_ms": (int, float, type(None)), "tampering": (list,),
+}
+
+
+def _record_problem(claim: dict[str, Any]) -> str:
+    """What is wrong with the types of the candidate's record ('' when nothing): it is hostile input,
+    and a wrong type is its own fault, said in one line, never a traceback."""
+    for key, types in _RECORD_TYPES.items():
+        if key in claim and not isinstance(claim[key], types):
+            return f"{key!r} is {type(claim[key]).__name__}"
+    if not all(isinstance(t, str) for t in claim.get("tampering") or []):
+        return "'tampering' holds something other than text"
+    return ""
+
+
 def _accounting(cand: dict[str, Any], eager: dict[str, Any], latency: float) -> str:
     """Does ModelNew's timed call account for its whole trial, as the launcher saw it? Each trial's
     work must be done between the launcher's seed and the digest committed after the call; what
@@ -1827,7 +1897,7 @@ def _accounting(cand: dict[str, Any], eager: dict[str, Any], latency: float) -> 
     # spike only in some, so the least of each is compared
     extra = cand["least_besides_call_ms"] - spent - latency
     noise = max(0.0, eager.get("outside_ms", spent) - spent)
-    allowed = ACCOUNT_FRAC * call + ACCOUNT_FLOOR_MS + 5 * latency + ACCOUNT_SLACK * spent + ACCOUNT_NOISE * noise
+    allowed = ACCOUNT_FRAC * call + ACCOUNT_FLOOR_MS + 5 * latency + ACCOUNT_SLACK_MS + ACCOUNT_NOISE * noise
     cand["unaccounted_ms"], cand["allowed_ms"] = round(extra, 6), round(allowed, 6)
     if extra > allowed:
         return (f"the launcher's clock saw each of ModelNew's timed trials take {whole:.4g} ms in all (median), "
@@ -1924,8 +1994,16 @@ def main(argv: list[str] | None = None) -> int:
             result.reason = (f"suspect: speed-up {result.speedup_vs_eager:.3g}x exceeds KernelBench's "
                              f"{EXCESSIVE_SPEEDUP:g}x threshold and --in-process has no outside clock to confirm it")
     else:
-        result = launch(args, argv)
+        result = BenchResult(problem=str(args.problem), solution=str(args.solution) if args.solution else None)
     try:
+        if not args.in_process:
+            try:
+                result = launch(args, argv)
+            except Exception as exc:  # noqa: BLE001 - the launcher's own failure still leaves a reason and no row
+                traceback.print_exc()
+                result.ok, result.oom = False, is_oom(exc)
+                result.reason = f"internal error in the launcher: {_one_line(exc)}"
+                result.exit_code = EXIT_OOM if result.oom else EXIT_PROBLEM
         if result.ok and args.metrics:
             write_metrics(args.metrics, result)
         elif args.metrics:
