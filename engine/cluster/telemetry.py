@@ -46,7 +46,6 @@ def _sample_node() -> dict[str, Any]:
 def cluster_gpus(address: str = "") -> list[dict[str, Any]]:
     """Per alive node: ``{"node", "host", "table", "devices"}``. Connects (and disconnects) when needed."""
     ray = _ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     owns = not ray.is_initialized()
     if owns:
@@ -56,10 +55,7 @@ def cluster_gpus(address: str = "") -> list[dict[str, Any]]:
             raise LooptreeError(f"cannot reach the Ray cluster at {address or 'auto'}: "
                                 f"{str(exc).strip().splitlines()[0][:200]}") from None
     try:
-        task = ray.remote(num_cpus=0)(_sample_node)
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
-                for n in nodes]
+        nodes, refs = _sample_every_node(ray)
         out = []
         for node, ref in zip(nodes, refs):
             try:
@@ -74,6 +70,17 @@ def cluster_gpus(address: str = "") -> list[dict[str, Any]]:
             ray.shutdown()
 
 
+def _sample_every_node(ray: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The alive nodes, and one `_sample_node` task pinned to each (their object refs, in order)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(_sample_node)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            for n in nodes]
+    return nodes, refs
+
+
 def format_cluster_gpus(nodes: list[dict[str, Any]]) -> str:
     """One block per node: ``<host> (node <id>)`` and what NVML sees there."""
     blocks = [f"{n['host']} (node {n['node'][:12]})\n{n['table']}" for n in nodes]
@@ -86,12 +93,7 @@ def sample_cluster() -> list[dict[str, Any]]:
     ray = _ray()
     if not ray.is_initialized():
         return []
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    task = ray.remote(num_cpus=0)(_sample_node)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
-            for n in nodes]
+    nodes, refs = _sample_every_node(ray)
     out = []
     for node, ref in zip(nodes, refs):
         try:

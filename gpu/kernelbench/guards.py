@@ -67,34 +67,31 @@ class ProcessGuard:
 
     def changes(self) -> list[str]:
         """Names of every watched entry that differs from the snapshot (nothing is restored)."""
-        found: list[str] = []
-        for label, obj, saved in self._snapshot:
-            ns = vars(obj)
-            for name, value in saved.items():
-                if ns.get(name, _MISSING) is not value:
-                    found.append(f"{label}.{name}")
-        if self._get_threads is not None and self.threads is not None and self._get_threads() != self.threads:
-            found.append(f"torch thread count ({self._get_threads()} instead of {self.threads})")
-        return found
+        return self._compare(put_back=False)
 
     def restore(self) -> list[str]:
         """Put every changed entry back; returns what was changed (empty when nothing was)."""
+        return self._compare(put_back=True)
+
+    def _compare(self, *, put_back: bool) -> list[str]:
         found: list[str] = []
         for label, obj, saved in self._snapshot:
             ns = vars(obj)
             for name, value in saved.items():
                 if ns.get(name, _MISSING) is not value:
                     found.append(f"{label}.{name}")
-                    try:
-                        setattr(obj, name, value)
-                    except (AttributeError, TypeError):  # an immutable type: it cannot have changed either
-                        pass
+                    if put_back:
+                        try:
+                            setattr(obj, name, value)
+                        except (AttributeError, TypeError):  # an immutable type: it cannot have changed either
+                            pass
         if self._get_threads is not None and self.threads is not None:
             now = self._get_threads()
             if now != self.threads:
                 found.append(f"torch thread count ({now} instead of {self.threads})")
-                assert self._set_threads is not None
-                self._set_threads(self.threads)
+                if put_back:
+                    assert self._set_threads is not None
+                    self._set_threads(self.threads)
         return found
 
 
